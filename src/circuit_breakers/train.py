@@ -15,6 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 from .config import CircuitBreakerConfig, DataConfig, ModelConfig
 from .data.batching import PairedCollator, PairedDataset
 from .data.records import DataError, Record, read_records
+from .data.report import mask_report, print_mask_report, save_mask_report
 from .data.render import RenderResult, render_all
 from .models import (
     default_target_layers,
@@ -133,19 +134,6 @@ def load_sets(data_cfg: DataConfig) -> tuple[list[Record], list[Record]]:
     return read_records(data_cfg.cb_data, "circuit_breaker"), read_records(data_cfg.retain_data)
 
 
-def _mask_summary(results: dict[str, RenderResult]) -> dict[str, Any]:
-    summary = {}
-    for name, result in results.items():
-        summary[name] = {
-            "examples": len(result.examples),
-            "tokens": sum(len(e) for e in result.examples),
-            "loss_tokens": sum(sum(e.loss_mask) for e in result.examples),
-            "truncated": result.truncated,
-            "dropped": dict(result.dropped),
-        }
-    return summary
-
-
 def train(
     model_cfg: ModelConfig,
     data_cfg: DataConfig,
@@ -161,9 +149,10 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer, plan = setup_model(model_cfg, cb_cfg)
     dataset, rendered = render_sets(tokenizer, data_cfg, cb_records, retain_records)
-    masks = _mask_summary(rendered)
-    (out / "mask_report.json").write_text(json.dumps(masks, indent=2))
-    logger.info("data: %s", masks)
+    masks = mask_report(tokenizer, rendered, {"circuit_breaker": data_cfg.cb_mask_mode,
+                                              "retain": data_cfg.retain_mask_mode}, data_cfg.max_length)
+    save_mask_report(masks, out / "mask_report.json")
+    print_mask_report(masks)
 
     trainer = CircuitBreakerTrainer(
         model=model,
@@ -193,11 +182,12 @@ def train(
             "schedule": cb_cfg.schedule,
             "steps": trainer.state.global_step,
             "learning rate": cb_cfg.learning_rate,
-            "data": f"{data_cfg.cb_data or 'in-memory'} ({masks['circuit_breaker']['examples']} rerouting), "
-                    f"{data_cfg.retain_data or 'in-memory'} ({masks['retain']['examples']} retain)",
+            "data": f"{data_cfg.cb_data or 'in-memory'} ({len(rendered['circuit_breaker'].examples)} rerouting), "
+                    f"{data_cfg.retain_data or 'in-memory'} ({len(rendered['retain'].examples)} retain)",
         }
         write_model_card(adapter_dir, model_cfg.model_name_or_path, card)
-    summary = {**plan, **trainer.rerouting_summary(), "steps": trainer.state.global_step, "masks": masks}
+    summary = {**plan, **trainer.rerouting_summary(), "steps": trainer.state.global_step,
+               "examples": {name: len(r.examples) for name, r in rendered.items()}}
     merged_dir = None
     if cb_cfg.merge and trainer.is_world_process_zero():
         merged_dir = export_merged(adapter_dir, model_cfg.model_name_or_path, out / "merged", model_cfg.dtype,

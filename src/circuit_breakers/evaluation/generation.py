@@ -147,6 +147,104 @@ def generate(
     return outputs
 
 
+@torch.no_grad()
+def generate_from_embeds(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_embeds: Sequence[torch.Tensor],
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    do_sample: bool = False,
+    progress: bool = True,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> list[str]:
+    """Completions for prompts given as input embeddings (`[T, hidden]` each: soft-prompt attacks).
+
+    Rows are left-padded with the pad token's embedding under a zero attention mask, so a prompt's
+    result does not depend on its batch neighbours.
+    """
+    if not prompt_embeds:
+        return []
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=do_sample,
+        temperature=temperature if do_sample else None, top_p=top_p if do_sample else None, top_k=None,
+        pad_token_id=pad_id, eos_token_id=stop_token_ids(model, tokenizer),
+    )
+    embed = model.get_input_embeddings()
+    device, dtype = embed.weight.device, embed.weight.dtype
+    pad_vector = embed(torch.tensor([pad_id], device=device))[0]
+    order = sorted(range(len(prompt_embeds)), key=lambda i: -prompt_embeds[i].shape[0])
+    outputs: list[str] = [""] * len(prompt_embeds)
+    if do_sample:
+        torch.manual_seed(seed)
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        with _progress(len(order), progress, "generate") as bar:
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                width = max(prompt_embeds[i].shape[0] for i in rows)
+                batch = pad_vector.expand(len(rows), width, -1).clone().to(dtype)
+                attention = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+                for r, i in enumerate(rows):
+                    n = prompt_embeds[i].shape[0]
+                    batch[r, width - n :] = prompt_embeds[i].to(device=device, dtype=dtype)
+                    attention[r, width - n :] = 1
+                out = model.generate(inputs_embeds=batch, attention_mask=attention, generation_config=config)
+                # With embeddings only, generate returns just the new tokens.
+                for row, ids in zip(rows, out):
+                    outputs[row] = tokenizer.decode(ids, skip_special_tokens=True)
+                bar.update(len(rows))
+    finally:
+        if was_training:
+            model.train()
+    return outputs
+
+
+def generate_attack_inputs(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    inputs: Sequence[Any],
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    include_prefill: bool = False,
+    progress: bool = True,
+    **kwargs: Any,
+) -> list[str]:
+    """Completions for `evaluation.attacks.AttackInput`s, in order.
+
+    Inputs are grouped by intervention (each group generates inside that intervention's context)
+    and by kind: text inputs go through `generate` with their prefill, soft-prompt inputs through
+    `generate_from_embeds`. With `include_prefill`, the prefill is put back in front of the
+    generated text, which is what a judge should read for the prefilling attack.
+    """
+    groups: dict[tuple[int, bool], list[int]] = {}
+    for i, item in enumerate(inputs):
+        key = (id(item.intervention) if item.intervention is not None else 0, item.soft_prompt is not None)
+        groups.setdefault(key, []).append(i)
+    outputs: list[str] = [""] * len(inputs)
+    for (_, soft), index in groups.items():
+        items = [inputs[i] for i in index]
+        with items[0].context(model):
+            if soft:
+                with torch.no_grad():
+                    embeds = [item.prompt_embeds(model, tokenizer) for item in items]
+                texts = generate_from_embeds(
+                    model, tokenizer, embeds, max_new_tokens, batch_size, progress=progress, **kwargs
+                )
+            else:
+                texts = generate(
+                    model, tokenizer, [item.messages for item in items], max_new_tokens, batch_size,
+                    prefill=[item.prefill or "" for item in items], progress=progress, **kwargs,
+                )
+        for i, item, text in zip(index, items, texts):
+            outputs[i] = (item.prefill or "") + text if include_prefill else text
+    return outputs
+
+
 def vllm_available() -> bool:
     """Whether the optional vLLM backend can be used."""
     return importlib.util.find_spec("vllm") is not None

