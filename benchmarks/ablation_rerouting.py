@@ -39,7 +39,28 @@ VARIANTS: dict[str, list[str]] = {
     "lr_1e-3": [*PAPER, "--learning_rate", "1e-3"],
     "combo": [*PAPER, "--lora_init", "random", "--learning_rate", "1e-3", "--representation", "centered",
               "--reroute_warmup_steps", "10"],
+    "relative_retain": [*PAPER, "--retain_distance", "relative"],
+    "combo_relative": [*PAPER, "--lora_init", "random", "--learning_rate", "1e-3", "--representation", "centered",
+                       "--reroute_warmup_steps", "10", "--retain_distance", "relative"],
+    "combo_relative_no_outliers": [*PAPER, "--lora_init", "random", "--learning_rate", "1e-3",
+                                   "--representation", "no_outliers", "--reroute_warmup_steps", "10",
+                                   "--retain_distance", "relative"],
 }
+CHOSEN = [*PAPER, "--lora_init", "random", "--learning_rate", "1e-3", "--representation", "centered",
+          "--retain_distance", "relative", "--schedule", "single"]
+VARIANTS.update({
+    "rel_single_w50_warm10": [*CHOSEN, "--retain_weight", "50", "--reroute_warmup_steps", "10"],
+    "rel_single_w50_warm5": [*CHOSEN, "--retain_weight", "50", "--reroute_warmup_steps", "5"],
+    "rel_single_w200_warm5": [*CHOSEN, "--retain_weight", "200", "--reroute_warmup_steps", "5"],
+    "rel_single_w20_warm5": [*CHOSEN, "--retain_weight", "20", "--reroute_warmup_steps", "5"],
+    "rel_single_w20_warm10": [*CHOSEN, "--retain_weight", "20", "--reroute_warmup_steps", "10"],
+    "sq_single_w100": [*PAPER, "--lora_init", "random", "--learning_rate", "1e-3", "--representation", "centered",
+                       "--retain_distance", "relative_squared", "--schedule", "single", "--retain_weight", "100"],
+    "sq_single_w30": [*PAPER, "--lora_init", "random", "--learning_rate", "1e-3", "--representation", "centered",
+                      "--retain_distance", "relative_squared", "--schedule", "single", "--retain_weight", "30"],
+    "sq_single_w1000": [*PAPER, "--lora_init", "random", "--learning_rate", "1e-3", "--representation", "centered",
+                        "--retain_distance", "relative_squared", "--schedule", "single", "--retain_weight", "1000"],
+})
 
 
 def build_data(out: Path, n_cb: int, n_eval: int, n_benign: int, n_benign_eval: int, tokens: int) -> dict[str, list]:
@@ -94,7 +115,7 @@ def main() -> None:
             **summary,
             "curve": curve,
             "harmful_compliance": sum(v.harmful for v in verdicts) / len(verdicts),
-            "benign_loss": teacher_forced_loss(model, tokenizer, data["benign_eval"]),
+            "benign_loss": teacher_forced_loss(model, tokenizer, data["benign_eval"]).mean_loss,
             "sample": completions[0][:160],
             "seconds": round(time.time() - start, 1),
         }

@@ -31,6 +31,21 @@ def test_retain_loss_by_hand_with_padding():
     assert losses.retain_loss(adapted, frozen, mask).item() == pytest.approx((5.0 + 1.0) / 2)
 
 
+def test_relative_retain_loss_by_hand():
+    adapted = torch.tensor([[[[3.0, 4.0], [1.0, 1.0], [100.0, 0.0]]]])
+    frozen = torch.tensor([[[[0.0, 2.0], [1.0, 0.0], [0.0, 0.0]]]])
+    mask = torch.tensor([[1, 1, 0]])
+    # |(3,2)| / |(0,2)| = sqrt(13)/2; |(0,1)| / |(1,0)| = 1; the padded token (frozen norm 0) is ignored
+    expected = (math.sqrt(13) / 2 + 1.0) / 2
+    assert losses.retain_loss(adapted, frozen, mask, "relative").item() == pytest.approx(expected, rel=1e-6)
+    squared = (13 / 4 + 1.0) / 2
+    assert losses.retain_loss(adapted, frozen, mask, "relative_squared").item() == pytest.approx(squared, rel=1e-6)
+    zero = torch.zeros(1, 3)
+    assert losses.retain_loss(adapted, frozen, zero, "relative").item() == 0.0
+    with pytest.raises(ValueError, match="retain distance"):
+        losses.retain_loss(adapted, frozen, mask, "l1")
+
+
 def test_all_padding_batch_gives_zero_not_nan():
     a, f = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 4, 8)
     zero = torch.zeros(3, 4)

@@ -51,6 +51,8 @@ def test_training_changes_lora_and_reroutes_while_retaining(tiny_dir, tmp_path):
     assert s["cos_rerouting_end"] < 0.5, s
     assert s["cos_retain_end"] > 0.9, s
     assert s["rerouted"] is True
+    # centred representation: the cosine the loss sees is logged and summarised beside the raw one
+    assert s["cos_rerouting_seen_end"] < s["cos_rerouting_seen_start"] - 0.3, s
 
 
 def test_lora_parameters_change_from_init(tiny_dir, tmp_path):

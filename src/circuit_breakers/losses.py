@@ -16,6 +16,7 @@ from torch import Tensor
 
 Schedule = Literal["dual", "cosine", "single"]
 Representation = Literal["raw", "centered", "no_outliers"]
+RetainDistance = Literal["l2", "relative", "relative_squared"]
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
@@ -33,9 +34,25 @@ def rerouting_loss(adapted: Tensor, frozen: Tensor, mask: Tensor) -> Tensor:
     return _masked_mean(cos.relu(), mask)
 
 
-def retain_loss(adapted: Tensor, frozen: Tensor, mask: Tensor) -> Tensor:
-    """L_retain = mean over masked tokens and layers of ||adapted - frozen||_2 (paper, eq. 1)."""
-    dist = torch.linalg.vector_norm(adapted.float() - frozen.float(), ord=2, dim=-1)
+def retain_loss(adapted: Tensor, frozen: Tensor, mask: Tensor, distance: RetainDistance = "l2") -> Tensor:
+    """L_retain = mean over masked tokens and layers of d(adapted, frozen).
+
+    - l2 (paper, eq. 1): ||adapted - frozen||_2.
+    - relative: ||adapted - frozen||_2 / ||frozen||_2. The plain distance's gradient has unit size while
+      the cosine's is about 1 / ||h||, so on models with large hidden states (SmolLM2: ~190, outlier
+      tokens 25,000) the plain retain term outweighs rerouting by that factor (issue 10).
+    - relative_squared: the square of `relative`: a spring whose pull is zero at the start (so it
+      never pins the adapters at adapted == frozen, where rerouting's gradient is zero too) and grows
+      with the drift of the benign representations.
+    """
+    frozen = frozen.float()
+    dist = torch.linalg.vector_norm(adapted.float() - frozen, ord=2, dim=-1)
+    if distance in ("relative", "relative_squared"):
+        dist = dist / torch.linalg.vector_norm(frozen, ord=2, dim=-1).clamp_min(1e-6)
+        if distance == "relative_squared":
+            dist = dist.square()
+    elif distance != "l2":
+        raise ValueError(f"unknown retain distance {distance!r}; choose l2, relative or relative_squared")
     return _masked_mean(dist, mask)
 
 

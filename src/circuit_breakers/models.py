@@ -147,7 +147,18 @@ def load_model(
 ) -> PreTrainedModel:
     """Load a causal LM for training or evaluation; refuses models that are not causal LMs."""
     path = resolve_model_path(name_or_path)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        from transformers import PretrainedConfig
+
+        raw, _ = PretrainedConfig.get_config_dict(path)  # plain JSON: runs nothing
+        if raw.get("auto_map") and not trust_remote_code:
+            raise ModelError(
+                f"{name_or_path} needs its own model code (auto_map in config.json), which is not run unless "
+                "the recipe sets trust_remote_code: true (only for code you have read)"
+            ) from err
+        raise
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, config=config

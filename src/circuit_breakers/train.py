@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import enum
+import errno
+import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from jinja2 import TemplateError
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from .config import CircuitBreakerConfig, DataConfig, ModelConfig
+from .config import CircuitBreakerConfig, ConfigError, DataConfig, ModelConfig
 from .data.batching import PairedCollator, PairedDataset
-from .data.records import DataError, Record, read_records
+from .data.records import DataError, Record, iter_jsonl, read_records
 from .data.report import mask_report, print_mask_report, save_mask_report
-from .data.render import RenderResult, render_all
+from .data.render import DropRow, RenderResult, render, render_all
 from .models import (
     default_target_layers,
     export_merged,
@@ -27,7 +36,7 @@ from .models import (
     validate_layers,
     write_model_card,
 )
-from .trainer import CircuitBreakerTrainer, resolve_retain_layers
+from .trainer import STAGING_PREFIX, CheckpointError, CircuitBreakerTrainer, resolve_retain_layers
 
 logger = logging.getLogger("circuit_breakers")
 
@@ -134,6 +143,216 @@ def load_sets(data_cfg: DataConfig) -> tuple[list[Record], list[Record]]:
     return read_records(data_cfg.cb_data, "circuit_breaker"), read_records(data_cfg.retain_data)
 
 
+# --- bad rows: stop at the first one, naming where it is (bad_rows=error) ---------------------------
+_DROP_REASONS = {
+    "empty_completion": "empty completion (the assistant turn has no text)",
+    "completion_not_found": "the chat template does not render the completion as written",
+    "tool_calls_not_rendered": "the chat template does not write this row's tool calls",
+    "too_long": "max_length is too small to hold a prompt and a completion",
+    "tool_call_mask": "the tool call would not be inside the loss mask",
+}
+
+
+def read_labelled(path: str | Path, kind: Any = None) -> list[tuple[str, Record]]:
+    """Records of a JSONL file, each with its `file:line` label; a bad line raises DataError naming it."""
+    out = []
+    for number, row in iter_jsonl(path):
+        try:
+            out.append((f"{path}:{number}", Record.from_dict(row, kind)))
+        except (DataError, TypeError, ValueError) as err:
+            raise DataError(f"{path}:{number}: {err}") from err
+    return out
+
+
+def render_checked(
+    tokenizer: PreTrainedTokenizerBase, labelled: Sequence[tuple[str, Record]], mask_mode: str, data_cfg: DataConfig
+) -> RenderResult:
+    """Render every record. bad_rows=skip: as `render_all` (bad rows dropped and counted, long ones cut).
+    bad_rows=error: the first row that would be dropped, or whose completion would be cut, raises
+    DataError with its label, so nothing is silently lost from training."""
+    records = [record for _, record in labelled]
+    if data_cfg.bad_rows == "skip":
+        return render_all(tokenizer, records, mask_mode, data_cfg.max_length, data_cfg.mask_prompt_tokens)
+    render_all(tokenizer, [], mask_mode, data_cfg.max_length)  # validates mode and tokenizer
+    result = RenderResult(dropped=Counter())
+    hint = "fix the row, or set bad_rows: skip to drop such rows"
+    for label, record in labelled:
+        try:
+            example = render(tokenizer, record, mask_mode, data_cfg.max_length, data_cfg.mask_prompt_tokens)
+        except DropRow as drop:
+            detail = str(drop).partition(": ")[2]  # DropRow(reason, detail) reads "reason: detail"
+            what = _DROP_REASONS.get(drop.reason, drop.reason) + (f" ({detail})" if detail else "")
+            raise DataError(f"{label}: {what}; {hint}") from drop
+        except (DataError, ValueError, TypeError, KeyError, AttributeError, TemplateError) as err:
+            raise DataError(f"{label}: the chat template cannot render this row ({err}); {hint}") from err
+        kept = example.completion_end - example.completion_start
+        if example.full_completion_length and kept < example.full_completion_length:
+            raise DataError(
+                f"{label}: completion is {example.full_completion_length} tokens, longer than max_length "
+                f"{data_cfg.max_length} leaves for it ({kept}); raise max_length, or set bad_rows: skip to truncate it"
+            )
+        result.truncated += example.truncated
+        result.examples.append(example)
+    return result
+
+
+# --- the output directory: one run per folder -----------------------------------------------------
+RUN_FILE = "training_run.json"
+"""Written at the start of a run: the settings and data that define it, so a different run is not
+mixed into (or resumed from) this folder."""
+_RUN_ARTIFACTS = ("adapter", "merged", "summary.json", "train_log.jsonl", "mask_report.json", RUN_FILE)
+_TRAJECTORY_KEYS = (
+    "learning_rate", "max_steps", "num_train_epochs", "seed", "data_seed", "optim", "weight_decay", "adam_beta1",
+    "adam_beta2", "adam_epsilon", "max_grad_norm", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "bf16",
+    "fp16", "train_sampling_strategy",
+)
+_OPERATIONAL_KEYS = ("overwrite_output_dir", "merge", "stall_check_steps", "stall_margin", "output_dir")
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+def _digest(records: Sequence[Record]) -> str:
+    h = hashlib.sha256()
+    for record in records:
+        h.update(json.dumps(record.to_dict(), sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def run_identity(
+    model_cfg: ModelConfig, data_cfg: DataConfig, cb_cfg: CircuitBreakerConfig,
+    cb_records: Sequence[Record], retain_records: Sequence[Record],
+) -> dict[str, Any]:
+    """Everything that changes the trained weights: model and LoRA settings, data settings and the
+    data's content, the optimiser and schedule, the global batch. Paths, logging and saving do not."""
+    own = {f.name for f in fields(CircuitBreakerConfig)} - {f.name for f in fields(TrainingArguments)}
+    train_keys = sorted((own - set(_OPERATIONAL_KEYS)) | set(_TRAJECTORY_KEYS))
+    identity = {
+        "model": asdict(model_cfg),
+        "data": {k: v for k, v in asdict(data_cfg).items() if k not in ("cb_data", "retain_data")},
+        "data content": {"circuit_breaker": _digest(cb_records), "retain": _digest(retain_records)},
+        "train": {k: _plain(getattr(cb_cfg, k, None)) for k in train_keys},
+        "global batch": cb_cfg.per_device_train_batch_size * cb_cfg.gradient_accumulation_steps * cb_cfg.world_size,
+    }
+    return json.loads(json.dumps(identity, default=str))
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} {a!r} -> {b!r}")
+    return out
+
+
+def check_output_dir(out: Path, identity: dict[str, Any], overwrite: bool) -> bool:
+    """Raise ConfigError if `out` holds a different run and `overwrite` is off. Returns whether the
+    folder's earlier run must be cleared (a different run, with overwrite on). Reads only."""
+    if not out.is_dir():
+        return False
+    has_run = any(p.name.startswith(f"{PREFIX_CHECKPOINT_DIR}-") for p in out.iterdir()) or (out / "adapter").is_dir()
+    if not has_run:  # nothing trained here yet (an empty folder, or a run stopped by bad input)
+        return False
+    recorded = out / RUN_FILE
+    if recorded.is_file():
+        try:
+            old = json.loads(recorded.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = None
+        if old == identity:
+            return False
+        diffs = _differences(old, identity) if isinstance(old, dict) else ["unreadable " + RUN_FILE]
+        what = f"a different run ({'; '.join(diffs[:3])}{'; ...' if len(diffs) > 3 else ''})"
+    else:
+        what = f"a run without {RUN_FILE} (made elsewhere or by an older version)"
+    if overwrite:
+        return True
+    raise ConfigError(
+        f"{out} already holds {what}; choose another --output_dir, or pass --overwrite_output_dir true to replace it"
+    )
+
+
+def claim_output_dir(out: Path, identity: dict[str, Any], clear: bool) -> None:
+    """Main process only: delete the earlier run's files if asked (only files this package writes), and
+    record this run's identity."""
+    out.mkdir(parents=True, exist_ok=True)
+    if clear:
+        for path in out.iterdir():
+            if path.name.startswith((f"{PREFIX_CHECKPOINT_DIR}-", STAGING_PREFIX)) or path.name in _RUN_ARTIFACTS:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        logger.warning("overwrite_output_dir: replaced the earlier run in %s", out)
+    write_atomic(out / RUN_FILE, json.dumps(identity, indent=2))
+
+
+# --- writing: atomic files and folders ---------------------------------------------------------------
+def write_atomic(path: Path, text: str) -> None:
+    """Write a text file under a temporary name and rename it into place (never half-written)."""
+    fd, tmp = tempfile.mkstemp(prefix=f"{STAGING_PREFIX}{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _replace_dir(staging: Path, final: Path) -> None:
+    if final.exists():
+        old = final.with_name(f"{STAGING_PREFIX}old-{final.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+
+
+def export_adapter(trainer: CircuitBreakerTrainer, model: PeftModel, adapter_dir: Path, card: dict[str, Any],
+                   base_model: str) -> None:
+    """Gather the (possibly sharded) LoRA weights on every process, write them on the main one.
+
+    The state dict comes from accelerate, which all-gathers FSDP shards and consolidates ZeRO-3
+    partitions; a process-local `state_dict()` there would hold shards or empty placeholders.
+    The folder is written under a temporary name and renamed when complete.
+    """
+    target = trainer.deepspeed if trainer.is_deepspeed_enabled else trainer.model_wrapped
+    state_dict = trainer.accelerator.get_state_dict(target)
+    if not trainer.is_world_process_zero():
+        return
+    staging = adapter_dir.with_name(f"{STAGING_PREFIX}{adapter_dir.name}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        model.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+        write_model_card(staging, base_model, card)
+        _check_adapter(staging)
+        _replace_dir(staging, adapter_dir)
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        last = get_last_checkpoint(str(adapter_dir.parent))
+        reason = f"disk full ({err.filename or adapter_dir})" if err.errno == errno.ENOSPC else str(err)
+        raise CheckpointError(
+            f"could not write {adapter_dir}: {reason}; the last checkpoint {last or '(none)'} is intact. "
+            "Free space, then rerun with --resume_from_checkpoint last to export it"
+        ) from err
+
+
+def _check_adapter(adapter_dir: Path) -> None:
+    """An exported adapter must hold real tensors: empty ones mean sharded weights were not gathered."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    empty = [k for k, t in tensors.items() if t.numel() == 0]
+    if empty or not tensors:
+        raise CheckpointError(f"exported adapter has empty tensors ({empty[:3]}): sharded weights were not gathered")
+    if all(t.abs().sum() == 0 for k, t in tensors.items() if "lora_B" in k):
+        logger.warning("every lora_B in the exported adapter is zero: the adapter changes nothing")
+
+
 def train(
     model_cfg: ModelConfig,
     data_cfg: DataConfig,
@@ -142,17 +361,39 @@ def train(
     retain_records: Sequence[Record] | None = None,
     callbacks: list[Any] | None = None,
 ) -> TrainResult:
-    """Train circuit breakers and write `adapter/` (peft) and `merged/` (full model) under output_dir."""
+    """Train circuit breakers and write `adapter/` (peft) and `merged/` (full model) under output_dir.
+
+    Under several processes (accelerate launch) every process runs this; only the main one writes
+    files. Raises TrainingInterrupted after SIGTERM/SIGINT (a checkpoint of that step is written),
+    CheckpointError when a checkpoint or export cannot be written (the previous checkpoint is intact).
+    """
     if cb_records is None or retain_records is None:
-        cb_records, retain_records = load_sets(data_cfg)
+        if not data_cfg.cb_data or not data_cfg.retain_data:
+            load_sets(data_cfg)  # raises the usual message
+        cb_labelled = read_labelled(data_cfg.cb_data, "circuit_breaker")
+        retain_labelled = read_labelled(data_cfg.retain_data)
+    else:
+        cb_labelled = [(f"circuit-breaker record {i + 1}", r) for i, r in enumerate(cb_records)]
+        retain_labelled = [(f"retain record {i + 1}", r) for i, r in enumerate(retain_records)]
     out = Path(cb_cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    main = cb_cfg.process_index == 0
+    identity = run_identity(model_cfg, data_cfg, cb_cfg, [r for _, r in cb_labelled], [r for _, r in retain_labelled])
+    clear = check_output_dir(out, identity, cb_cfg.overwrite_output_dir)  # every process: all raise alike
+
     model, tokenizer, plan = setup_model(model_cfg, cb_cfg)
-    dataset, rendered = render_sets(tokenizer, data_cfg, cb_records, retain_records)
-    masks = mask_report(tokenizer, rendered, {"circuit_breaker": data_cfg.cb_mask_mode,
-                                              "retain": data_cfg.retain_mask_mode}, data_cfg.max_length)
-    save_mask_report(masks, out / "mask_report.json")
-    print_mask_report(masks)
+    rendered = {
+        "circuit_breaker": render_checked(tokenizer, cb_labelled, data_cfg.cb_mask_mode, data_cfg),
+        "retain": render_checked(tokenizer, retain_labelled, data_cfg.retain_mask_mode, data_cfg),
+    }
+    dataset = PairedDataset(rendered["circuit_breaker"].examples, rendered["retain"].examples, data_cfg.retain_per_cb)
+    with cb_cfg.main_process_first(local=False, desc="claim the output directory"):  # input is valid: claim it
+        if main:
+            claim_output_dir(out, identity, clear)
+    if main:
+        masks = mask_report(tokenizer, rendered, {"circuit_breaker": data_cfg.cb_mask_mode,
+                                                  "retain": data_cfg.retain_mask_mode}, data_cfg.max_length)
+        save_mask_report(masks, out / "mask_report.json")
+        print_mask_report(masks)
 
     trainer = CircuitBreakerTrainer(
         model=model,
@@ -170,31 +411,31 @@ def train(
     trainer.train(resume_from_checkpoint=resume)
 
     adapter_dir = out / "adapter"
-    if trainer.is_world_process_zero():
-        model.save_pretrained(adapter_dir, safe_serialization=True)
-        card = {
-            "base model": model_cfg.model_name_or_path,
-            "target layers (hidden_states index)": plan["target_layers"],
-            "retain layers": plan["retain_layers"],
-            "LoRA blocks": f"{plan['lora_blocks'][0]}..{plan['lora_blocks'][-1]}",
-            "LoRA r / alpha / dropout": f"{model_cfg.lora_r} / {model_cfg.lora_alpha} / {model_cfg.lora_dropout}",
-            "alpha": cb_cfg.alpha,
-            "schedule": cb_cfg.schedule,
-            "steps": trainer.state.global_step,
-            "learning rate": cb_cfg.learning_rate,
-            "data": f"{data_cfg.cb_data or 'in-memory'} ({len(rendered['circuit_breaker'].examples)} rerouting), "
-                    f"{data_cfg.retain_data or 'in-memory'} ({len(rendered['retain'].examples)} retain)",
-        }
-        write_model_card(adapter_dir, model_cfg.model_name_or_path, card)
+    card = {
+        "base model": model_cfg.model_name_or_path,
+        "target layers (hidden_states index)": plan["target_layers"],
+        "retain layers": plan["retain_layers"],
+        "LoRA blocks": f"{plan['lora_blocks'][0]}..{plan['lora_blocks'][-1]}",
+        "LoRA r / alpha / dropout": f"{model_cfg.lora_r} / {model_cfg.lora_alpha} / {model_cfg.lora_dropout}",
+        "alpha": cb_cfg.alpha,
+        "schedule": cb_cfg.schedule,
+        "steps": trainer.state.global_step,
+        "learning rate": cb_cfg.learning_rate,
+        "data": f"{data_cfg.cb_data or 'in-memory'} ({len(rendered['circuit_breaker'].examples)} rerouting), "
+                f"{data_cfg.retain_data or 'in-memory'} ({len(rendered['retain'].examples)} retain)",
+    }
+    export_adapter(trainer, model, adapter_dir, card, model_cfg.model_name_or_path)  # every process: gathers
     summary = {**plan, **trainer.rerouting_summary(), "steps": trainer.state.global_step,
                "examples": {name: len(r.examples) for name, r in rendered.items()}}
     merged_dir = None
-    if cb_cfg.merge and trainer.is_world_process_zero():
-        merged_dir = export_merged(adapter_dir, model_cfg.model_name_or_path, out / "merged", model_cfg.dtype,
-                                   model_cfg.trust_remote_code)
     if trainer.is_world_process_zero():
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        with (out / "train_log.jsonl").open("w") as handle:
-            for row in trainer.state.log_history:
-                handle.write(json.dumps(row) + "\n")
+        try:
+            if cb_cfg.merge:
+                merged_dir = export_merged(adapter_dir, model_cfg.model_name_or_path, out / "merged", model_cfg.dtype,
+                                           model_cfg.trust_remote_code)
+            write_atomic(out / "summary.json", json.dumps(summary, indent=2, default=str))
+            write_atomic(out / "train_log.jsonl", "".join(json.dumps(row) + "\n" for row in trainer.state.log_history))
+        except OSError as err:
+            reason = f"disk full ({err.filename})" if err.errno == errno.ENOSPC else str(err)
+            raise CheckpointError(f"could not finish writing {out}: {reason}; the adapter {adapter_dir} is complete") from err
     return TrainResult(out, adapter_dir, merged_dir, summary, list(trainer.state.log_history))

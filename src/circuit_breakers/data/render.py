@@ -10,11 +10,12 @@ no BOS twice."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
@@ -45,6 +46,9 @@ class Example:
     truncated: bool = False
     full_completion_length: int | None = None
     """Completion tokens (with end-of-turn) before truncation, for the coverage figure of the report."""
+    tool_call_start: int | None = None
+    """Index of the first token of the completion's tool call (None: the completion makes no call);
+    `render` has checked that it, every call name and the end token lie in the loss mask."""
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -58,11 +62,210 @@ def _special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
     return ids
 
 
+# --- tool calls (issue 6) ---------------------------------------------------------------------------
+# How a record's `tools` and assistant `tool_calls` become text. `template`: the chat template writes
+# them (it must support tools). `llama31`: Llama-3.1's built-in JSON format,
+# `<|python_tag|>{"name": ..., "parameters": ...}` ended by `<|eom_id|>`, tool results as `ipython`
+# turns. `json`: for templates without tool support, each call is a JSON object in the assistant
+# content and the tool schemas are described in the system turn. `auto`: llama31 when the tokenizer
+# has Llama-3.1's tool tokens, else template when the template writes tool calls, else json. A record
+# chooses with `meta["tool_format"]`; without it the template alone renders (rows it cannot render are
+# dropped as `tool_calls_not_rendered`).
+ToolFormat = Literal["auto", "template", "llama31", "json"]
+TOOL_FORMATS: tuple[str, ...] = ("auto", "template", "llama31", "json")
+PYTHON_TAG, EOM, EOT_LLAMA = "<|python_tag|>", "<|eom_id|>", "<|eot_id|>"
+JSON_TOOLS_PREAMBLE = (
+    "You can call tools. To call one, reply with only a JSON object "
+    '{"name": <tool name>, "arguments": <arguments object>}. Tools:'
+)
+_PROBE_NAME = "cbprobetoolq7Zx"
+_support_cache: dict[tuple[int, str], dict[str, bool]] = {}
+
+
+def tool_support(tokenizer: PreTrainedTokenizerBase) -> dict[str, bool]:
+    """What the chat template writes, found by rendering probes: `tools` (schemas), `tool_calls`
+    (assistant calls), `tool_role` (a `tool` turn's content) and `system` (a system turn's content)."""
+    template = str(getattr(tokenizer, "chat_template", "") or "")
+    key = (id(tokenizer), template)
+    if key in _support_cache:
+        return _support_cache[key]
+
+    def renders(messages: list[dict], marker: str, **kwargs: Any) -> bool:
+        try:
+            return marker in tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+        except Exception:  # noqa: BLE001 - a template that raises on a probe does not support it
+            return False
+
+    user = {"role": "user", "content": "hi"}
+    call = {"id": "call00001", "type": "function", "function": {"name": _PROBE_NAME, "arguments": {"a": 1}}}
+    schema = {"type": "function", "function": {"name": _PROBE_NAME, "description": "probe", "parameters": {"type": "object", "properties": {}}}}
+    support = {
+        "tools": renders([user], _PROBE_NAME, tools=[schema]),
+        "tool_calls": renders([user, {"role": "assistant", "content": "", "tool_calls": [call]}], _PROBE_NAME),
+        "tool_role": renders([user, {"role": "assistant", "content": "", "tool_calls": [call]},
+                              {"role": "tool", "content": _PROBE_NAME + "r", "tool_call_id": "call00001", "name": _PROBE_NAME}],
+                             _PROBE_NAME + "r"),
+        "system": renders([{"role": "system", "content": _PROBE_NAME + "s"}, user], _PROBE_NAME + "s"),
+    }
+    _support_cache[key] = support
+    return support
+
+
+def _has_tokens(tokenizer: PreTrainedTokenizerBase, *tokens: str) -> bool:
+    vocab = tokenizer.get_vocab()
+    return all(t in vocab for t in tokens)
+
+
+def resolve_tool_format(tokenizer: PreTrainedTokenizerBase, requested: str = "auto") -> str:
+    """The concrete tool format (`template`, `llama31` or `json`) for `requested` on this tokenizer."""
+    if requested not in TOOL_FORMATS:
+        raise DataError(f"unknown tool format {requested!r}; choose one of {TOOL_FORMATS}")
+    if requested != "auto":
+        return requested
+    if _has_tokens(tokenizer, PYTHON_TAG, EOM, EOT_LLAMA):
+        return "llama31"
+    return "template" if tool_support(tokenizer)["tool_calls"] else "json"
+
+
+def call_parts(call: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(name, arguments dict) of a tool call in HF (`{"function": {...}}`) or flat (`{"name", "arguments"}`) form."""
+    function = call.get("function", call) if isinstance(call, dict) else {}
+    name = str(function.get("name", ""))
+    args = function.get("arguments", function.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError as err:
+            raise DataError(f"tool call {name!r}: arguments are not valid JSON ({err.msg})") from err
+    if not isinstance(args, dict):
+        raise DataError(f"tool call {name!r}: arguments must be a JSON object")
+    return name, args
+
+
+def tool_call_text(call: dict[str, Any], fmt: str) -> str:
+    """The text one tool call becomes in the `llama31` or `json` format (without the end token)."""
+    name, args = call_parts(call)
+    if fmt == "llama31":
+        return PYTHON_TAG + json.dumps({"name": name, "parameters": args}, ensure_ascii=False)
+    return json.dumps({"name": name, "arguments": args}, ensure_ascii=False)
+
+
+def tools_text(tools: list[dict[str, Any]]) -> str:
+    """The `json` format's description of the tools: the preamble, then one JSON schema per line."""
+    lines = [JSON_TOOLS_PREAMBLE]
+    for tool in tools:
+        function = tool.get("function", tool)
+        lines.append(json.dumps({k: function[k] for k in ("name", "description", "parameters") if k in function}, ensure_ascii=False))
+    return "\n".join(lines)
+
+
+def _content(value: Any) -> str:
+    return value if isinstance(value, str) else "" if value is None else json.dumps(value, ensure_ascii=False)
+
+
+def prepare_tool_messages(
+    tokenizer: PreTrainedTokenizerBase, record: Record, messages: list[dict], fmt: str
+) -> tuple[list[dict], list[dict] | None, list[str]]:
+    """(messages, tools for the template, call texts) with tool calls written in `fmt`.
+
+    The call texts are what each assistant tool-call turn ends with, in order, so `llama31` can give
+    those turns `<|eom_id|>`.
+    """
+    tools = record.tools or None
+    if fmt == "template":
+        return messages, tools, []
+    support = tool_support(tokenizer)
+    out: list[dict] = []
+    calls: list[str] = []
+    for message in messages:
+        role = message["role"]
+        if role == "assistant" and message.get("tool_calls"):
+            text = "\n".join(tool_call_text(c, fmt) for c in message["tool_calls"])
+            content = _content(message.get("content"))
+            calls.append(text)
+            out.append({"role": "assistant", "content": (content + "\n" if content.strip() else content) + text})
+        elif role in ("tool", "ipython"):
+            content = _content(message.get("content"))
+            if fmt == "llama31":
+                out.append({"role": "ipython", "content": content})
+            elif support["tool_role"]:
+                out.append({"role": "tool", "content": content})
+            elif out and out[-1]["role"] == "user":
+                out[-1] = {**out[-1], "content": _content(out[-1].get("content")) + f"\n\nTool result: {content}"}
+            else:
+                out.append({"role": "user", "content": f"Tool result: {content}"})
+        elif role == "user" and out and out[-1]["role"] == "user" and not support["tool_role"]:
+            # a tool result written as a user turn: merge, templates that need alternation accept it
+            out[-1] = {**out[-1], "content": _content(out[-1].get("content")) + "\n\n" + _content(message.get("content"))}
+        else:
+            out.append({k: v for k, v in message.items() if k != "tool_calls"})
+    if tools and not (fmt == "llama31" and support["tools"]):
+        described = tools_text(tools)
+        if out and out[0]["role"] == "system" and support["system"]:
+            out[0] = {**out[0], "content": _content(out[0].get("content")) + "\n\n" + described}
+        elif support["system"]:
+            out.insert(0, {"role": "system", "content": described})
+        else:
+            at = next((i for i, m in enumerate(out) if m["role"] == "user"), 0)
+            out[at] = {**out[at], "content": described + "\n\n" + _content(out[at].get("content"))}
+        tools = None
+    return out, tools if fmt == "llama31" else None, calls
+
+
+def _eom_after_calls(text: str, calls: list[str]) -> str:
+    """Llama-3.1: a turn that makes a tool call ends with <|eom_id|> (the template writes <|eot_id|>)."""
+    at = 0
+    for call in calls:
+        found = text.find(call, at)
+        if found < 0:
+            continue
+        end = found + len(call)
+        eot = text.find(EOT_LLAMA, end)
+        if eot >= 0 and not text[end:eot].strip():
+            text = text[:eot] + EOM + text[eot + len(EOT_LLAMA):]
+        at = end
+    return text
+
+
+def record_tool_format(tokenizer: PreTrainedTokenizerBase, record: Record) -> str:
+    """The concrete tool format this record renders with (`template` unless `meta["tool_format"]` says)."""
+    return resolve_tool_format(tokenizer, str(record.meta.get("tool_format") or "template"))
+
+
 def _render_messages(
     tokenizer: PreTrainedTokenizerBase, record: Record, messages: list[dict], generation_prompt: bool
 ) -> str:
-    kwargs = {"tools": record.tools} if record.tools else {}
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt, **kwargs)
+    fmt = record_tool_format(tokenizer, record)
+    messages, tools, calls = prepare_tool_messages(tokenizer, record, messages, fmt)
+    kwargs = {"tools": tools} if tools else {}
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt, **kwargs)
+    return _eom_after_calls(text, calls) if fmt == "llama31" else text
+
+
+def prompt_text(tokenizer: PreTrainedTokenizerBase, record: Record) -> str:
+    """The rendered chat before the record's completion turn, ending with the generation prompt, with
+    tools and tool calls written as `render` writes them: what a model generates from."""
+    return _render_messages(tokenizer, record, record.messages[: record.completion_turn], generation_prompt=True)
+
+
+def _tool_call_char(tokenizer: PreTrainedTokenizerBase, record: Record, text: str, start: int) -> int | None:
+    """Character offset in `text` where the completion's tool-call text starts (None: not found)."""
+    turn = record.completion_turn
+    message = record.messages[turn]
+    fmt = record_tool_format(tokenizer, record)
+    if fmt != "template":
+        first = tool_call_text(message["tool_calls"][0], fmt)
+        found = text.find(first, start)
+        return found if found >= 0 else None
+    # The template writes the calls: they start where the turn rendered without them differs. Two
+    # variants (what follows the content differs between them) so a character the call text happens
+    # to share with the end of a plain turn does not move the start.
+    bare = {k: v for k, v in message.items() if k != "tool_calls"}
+    at = len(text)
+    for tail in ("", "\u2063"):
+        plain = _render_messages(tokenizer, record, [*record.messages[:turn], {**bare, "content": _content(bare.get("content")) + tail}], False)
+        at = min(at, len(os.path.commonprefix([text, plain])))
+    return at if start <= at < len(text) else None
 
 
 # Stands in for the completion text to find where the template puts it, whatever comes before
@@ -156,6 +359,9 @@ def render(
     ):
         last = eot
     stop = last + 1
+    call_token = None
+    if record.messages[record.completion_turn].get("tool_calls"):
+        call_token = _check_tool_call_mask(tokenizer, record, text, start, ids, offsets, first, stop, specials)
     ids = ids[:stop]
     comp_len = stop - first
 
@@ -170,6 +376,10 @@ def render(
         prompt_part = ids[first - (keep_prompt - len(head)) : first]
         completion_part = ids[first : first + max_length - keep_prompt]
         ids = head + prompt_part + completion_part
+        if call_token is not None:
+            call_token = call_token - first + keep_prompt
+            if call_token >= len(ids):
+                raise DropRow("tool_call_mask", "truncation cut the tool call's first token")
         first, stop = keep_prompt, len(ids)
 
     if mask_mode == "full":
@@ -179,7 +389,32 @@ def render(
     else:
         lo = first
     mask = [1 if lo <= i < stop else 0 for i in range(len(ids))]
-    return Example(ids, mask, first, stop, record.kind, truncated, comp_len)
+    return Example(ids, mask, first, stop, record.kind, truncated, comp_len, call_token)
+
+
+def _check_tool_call_mask(
+    tokenizer: PreTrainedTokenizerBase, record: Record, text: str, start: int, ids: list[int],
+    offsets: Sequence[tuple[int, int]], first: int, stop: int, specials: set[int],
+) -> int:
+    """Index of the tool call's first token, after checking that the completion span [first, stop)
+    holds it, every call name and a closing special token; raises DropRow("tool_call_mask") naming
+    what is missing, so a bad mask is listed in the report instead of trained on."""
+    at = _tool_call_char(tokenizer, record, text, start)
+    if at is None:
+        raise DropRow("tool_call_mask", "the tool call's text was not found after the completion start")
+    token = next((i for i, (s, e) in enumerate(offsets) if e > at), None)
+    if token is None or not first <= token < stop:
+        raise DropRow("tool_call_mask", f"the tool call's first token ({token}) is outside the completion tokens [{first}, {stop})")
+    masked = tokenizer.decode(ids[token:stop], skip_special_tokens=False)
+    for call in record.messages[record.completion_turn]["tool_calls"]:
+        name = call_parts(call)[0]
+        if name not in masked:
+            raise DropRow("tool_call_mask", f"tool name {name!r} is not in the masked tokens")
+    if ids[stop - 1] not in specials:
+        raise DropRow("tool_call_mask", "the masked tool call does not end with an end-of-turn token")
+    if record_tool_format(tokenizer, record) == "llama31" and ids[stop - 1] != tokenizer.convert_tokens_to_ids(EOM):
+        raise DropRow("tool_call_mask", "a Llama-3.1 tool call must end with <|eom_id|>")
+    return token
 
 
 @dataclass
@@ -189,6 +424,8 @@ class RenderResult:
     examples: list[Example] = field(default_factory=list)
     dropped: Counter = field(default_factory=Counter)
     truncated: int = 0
+    tool_call_failures: list[str] = field(default_factory=list)
+    """Rows whose tool-call mask failed its check (`record N: what`), listed in the mask report."""
 
 
 def render_all(
@@ -204,11 +441,13 @@ def render_all(
     if not tokenizer.is_fast:
         raise DataError("completion masks need a fast tokenizer (character offsets)")
     result = RenderResult()
-    for record in records:
+    for number, record in enumerate(records, 1):
         try:
             example = render(tokenizer, record, mask_mode, max_length, prompt_tokens)
         except DropRow as drop:
             result.dropped[drop.reason] += 1
+            if drop.reason == "tool_call_mask":
+                result.tool_call_failures.append(f"record {number}: {drop}")
             continue
         except (DataError, ValueError, TypeError, KeyError, AttributeError, TemplateError):
             # A row the template cannot render (wrong types, roles out of order, ...).

@@ -72,6 +72,17 @@ def _set_report(
         "mean_length": round(tokens / len(examples), 1) if examples else 0.0,
         "max_length": max(lengths, default=0),
     }
+    calls = [e for e in examples if e.tool_call_start is not None]
+    failures = list(getattr(result, "tool_call_failures", []))
+    if calls or failures:
+        # Issue 6: the share of tool-call examples whose call's first token is in the loss mask (must
+        # be 100%); rows that failed the check were dropped and are listed, never masked over wholesale.
+        covered = sum(bool(e.loss_mask[e.tool_call_start]) for e in calls)
+        report["tool_calls"] = {
+            "examples": len(calls) + len(failures),
+            "start_token_covered": round(covered / (len(calls) + len(failures)), 4),
+            "failures": failures,
+        }
     if examples:
         segments = example_segments(tokenizer, examples[0], max_tokens=example_tokens)
         report["example"] = {
@@ -89,6 +100,9 @@ def _warnings(name: str, report: Mapping[str, Any]) -> list[str]:
         out.append(f"{name}: the loss mask covers no token")
     if report["records"] and sum(report["dropped"].values()) > report["records"] / 2:
         out.append(f"{name}: more than half of the rows were dropped {report['dropped']}")
+    if "tool_calls" in report and report["tool_calls"]["start_token_covered"] < 1:
+        out.append(f"{name}: the tool-call start token is masked in only {report['tool_calls']['start_token_covered']:.0%} "
+                   f"of tool-call examples; failures: {report['tool_calls']['failures'][:5]}")
     if report["examples"] and report["completion_coverage"] < 0.5:
         out.append(f"{name}: truncation kept only {report['completion_coverage']:.0%} of completion tokens; raise max_length")
     return out
@@ -160,6 +174,9 @@ def print_mask_report(report: Mapping[str, Any], console: Any = None) -> None:
         ("completion kept", lambda s: f"{s['completion_coverage']:.1%}"),
         ("length mean / max", lambda s: f"{s['mean_length']:.0f} / {s['max_length']}"),
     ]
+    if any("tool_calls" in s for s in report["sets"].values()):
+        rows.append(("tool-call start masked", lambda s: f"{s['tool_calls']['start_token_covered']:.0%} of {s['tool_calls']['examples']}"
+                     if "tool_calls" in s else "-"))
     for label, cell in rows:
         table.add_row(label, *(cell(s) for s in report["sets"].values()))
     console.print(table)

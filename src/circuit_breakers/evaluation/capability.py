@@ -41,29 +41,25 @@ class LossResult:
 
 
 @torch.no_grad()
-def teacher_forced_loss(
-    model: Any,
-    tokenizer: Any,
-    records: Sequence[Record],
-    batch_size: int = 8,
-    max_length: int = 512,
-    progress: bool = False,
-) -> LossResult:
-    """Mean loss per completion token of `records` (chat records whose completion is the reference
-    answer). Rows that cannot be rendered are counted in `dropped`, never silently lost."""
-    rendered = render_all(tokenizer, records, mask_mode="completion", max_length=max_length)
-    examples = sorted(rendered.examples, key=len)
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    total, count = 0.0, 0
-    per_record: list[float] = []
-    was_training = getattr(model, "training", False)
-    model.eval()
+def _example_losses(
+    model: Any, tokenizer: Any, examples: Sequence[Any], batch_size: int, progress: bool = False
+) -> list[tuple[float, int]]:
+    """(summed loss, counted tokens) per rendered example, in the order given.
+
+    Batches are formed from length-sorted examples (little padding); results are put back in order.
+    """
     from tqdm.auto import tqdm
 
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
+    was_training = getattr(model, "training", False)
+    model.eval()
     try:
-        for start in tqdm(range(0, len(examples), batch_size), disable=not progress, desc="capability loss", leave=False):
-            batch = examples[start : start + batch_size]
+        for start in tqdm(range(0, len(order), batch_size), disable=not progress, desc="capability loss", leave=False):
+            index = order[start : start + batch_size]
+            batch = [examples[i] for i in index]
             width = max(len(e) for e in batch)
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
             attention = torch.zeros_like(ids)
@@ -80,24 +76,57 @@ def teacher_forced_loss(
                 logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
             ).view(len(batch), width - 1)
             weights = mask[:, 1:].float()
-            sums, counts = (nll * weights).sum(1), weights.sum(1)
-            total += float(sums.sum())
-            count += int(counts.sum())
-            per_record.extend((sums / counts.clamp(min=1)).tolist())
+            for row, i in enumerate(index):
+                out[i] = (float((nll[row] * weights[row]).sum()), int(weights[row].sum()))
     finally:
         if was_training:
             model.train()
+    return out
+
+
+def teacher_forced_loss(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[Record],
+    batch_size: int = 8,
+    max_length: int = 512,
+    progress: bool = False,
+) -> LossResult:
+    """Mean loss per completion token of `records` (chat records whose completion is the reference
+    answer). Rows that cannot be rendered are counted in `dropped`, never silently lost;
+    `record_losses` follow the order of the rendered records."""
+    rendered = render_all(tokenizer, records, mask_mode="completion", max_length=max_length)
+    sums = _example_losses(model, tokenizer, rendered.examples, batch_size, progress)
+    total, count = sum(s for s, _ in sums), sum(c for _, c in sums)
+    per_record = [s / max(c, 1) for s, c in sums]
     mean = total / count if count else math.nan
     return LossResult(
         mean_loss=mean,
         perplexity=math.exp(mean) if count else math.nan,
         mean_record_loss=sum(per_record) / len(per_record) if per_record else math.nan,
         n_tokens=count,
-        n_records=len(examples),
+        n_records=len(rendered.examples),
         dropped=dict(rendered.dropped),
         truncated=rendered.truncated,
         record_losses=per_record,
     )
+
+
+def record_losses(
+    model: Any, tokenizer: Any, records: Sequence[Record], batch_size: int = 8, max_length: int = 512
+) -> list[float]:
+    """Mean loss per completion token of each record, aligned with `records` (NaN where a record
+    cannot be rendered or has no completion token), so two models' losses pair record by record."""
+    examples, where = [], []
+    for i, record in enumerate(records):
+        rendered = render_all(tokenizer, [record], mask_mode="completion", max_length=max_length)
+        if rendered.examples:
+            examples.append(rendered.examples[0])
+            where.append(i)
+    out = [math.nan] * len(records)
+    for i, (total, count) in zip(where, _example_losses(model, tokenizer, examples, batch_size)):
+        out[i] = total / count if count else math.nan
+    return out
 
 
 def lm_eval_available() -> bool:

