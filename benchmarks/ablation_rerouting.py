@@ -39,27 +39,16 @@ VARIANTS: dict[str, list[str]] = {
     "lr_1e-3": [*PAPER, "--learning_rate", "1e-3"],
     "combo": [*PAPER, "--lora_init", "random", "--learning_rate", "1e-3", "--representation", "centered",
               "--reroute_warmup_steps", "10"],
-    "relative_retain": [*PAPER, "--retain_distance", "relative"],
     "combo_relative": [*PAPER, "--lora_init", "random", "--learning_rate", "1e-3", "--representation", "centered",
                        "--reroute_warmup_steps", "10", "--retain_distance", "relative"],
-    "combo_relative_no_outliers": [*PAPER, "--lora_init", "random", "--learning_rate", "1e-3",
-                                   "--representation", "no_outliers", "--reroute_warmup_steps", "10",
-                                   "--retain_distance", "relative"],
 }
-CHOSEN = [*PAPER, "--lora_init", "random", "--learning_rate", "1e-3", "--representation", "centered",
-          "--retain_distance", "relative", "--schedule", "single"]
+RELATIVE = [*PAPER, "--lora_init", "random", "--learning_rate", "1e-3", "--representation", "centered",
+            "--schedule", "single", "--retain_distance", "relative"]
+SQUARED = [*RELATIVE, "--retain_distance", "relative_squared"]
 VARIANTS.update({
-    "rel_single_w50_warm10": [*CHOSEN, "--retain_weight", "50", "--reroute_warmup_steps", "10"],
-    "rel_single_w50_warm5": [*CHOSEN, "--retain_weight", "50", "--reroute_warmup_steps", "5"],
-    "rel_single_w200_warm5": [*CHOSEN, "--retain_weight", "200", "--reroute_warmup_steps", "5"],
-    "rel_single_w20_warm5": [*CHOSEN, "--retain_weight", "20", "--reroute_warmup_steps", "5"],
-    "rel_single_w20_warm10": [*CHOSEN, "--retain_weight", "20", "--reroute_warmup_steps", "10"],
-    "sq_single_w100": [*PAPER, "--lora_init", "random", "--learning_rate", "1e-3", "--representation", "centered",
-                       "--retain_distance", "relative_squared", "--schedule", "single", "--retain_weight", "100"],
-    "sq_single_w30": [*PAPER, "--lora_init", "random", "--learning_rate", "1e-3", "--representation", "centered",
-                      "--retain_distance", "relative_squared", "--schedule", "single", "--retain_weight", "30"],
-    "sq_single_w1000": [*PAPER, "--lora_init", "random", "--learning_rate", "1e-3", "--representation", "centered",
-                        "--retain_distance", "relative_squared", "--schedule", "single", "--retain_weight", "1000"],
+    "rel_single_w50_warm10": [*RELATIVE, "--retain_weight", "50", "--reroute_warmup_steps", "10"],
+    "rel_single_w50_warm5": [*RELATIVE, "--retain_weight", "50", "--reroute_warmup_steps", "5"],
+    **{f"sq_single_w{w}": [*SQUARED, "--retain_weight", str(w)] for w in (30, 100, 300, 1000)},
 })
 
 

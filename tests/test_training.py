@@ -36,7 +36,11 @@ def config(tiny_dir, out, *extra):
     return parse_config(args)
 
 
+# The levers of configs/embedded.yaml (random lora_B, centred cosine, relative squared retain distance,
+# constant retain weight), with the rate and weight scaled for an 8-step run on a tiny model whose
+# hidden states are ~10x smaller than SmolLM2's (the embedded recipe: lr 1e-3, weight 100, 60 steps).
 CHOSEN = ["--lora_init", "random", "--learning_rate", "2e-2", "--alpha", "5", "--representation", "centered",
+          "--retain_distance", "relative_squared", "--schedule", "single", "--retain_weight", "10",
           "--cb_mask_mode", "completion"]
 
 

@@ -174,29 +174,27 @@ class RunConfig:
 CONFIG_CLASSES = (ModelConfig, DataConfig, CircuitBreakerConfig, RunConfig)
 
 
-def recipe_path(name: str) -> Path:
-    """A recipe file: a path, or the name of one shipped in circuit_breakers/configs (e.g. `embedded`)."""
+def _file_or_shipped(name: str, folder: Path, what: str) -> Path:
+    """`name` as a path, else the YAML file of that name shipped in `folder`; a clear error otherwise."""
     path = Path(name)
     if path.is_file():
         return path
-    shipped = RECIPES_DIR / (name if name.endswith(".yaml") else name + ".yaml")
+    shipped = folder / (name if name.endswith(".yaml") else name + ".yaml")
     if shipped.is_file():
         return shipped
-    available = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
-    raise ConfigError(f"recipe {name!r} not found (not a file, nor a shipped recipe: {', '.join(available)})")
+    available = sorted(p.stem for p in folder.glob("*.yaml"))
+    raise ConfigError(f"{what} {name!r} not found (not a file, nor a shipped one: {', '.join(available)})")
+
+
+def recipe_path(name: str) -> Path:
+    """A recipe file: a path, or the name of one shipped in circuit_breakers/configs (e.g. `embedded`)."""
+    return _file_or_shipped(name, RECIPES_DIR, "recipe")
 
 
 def accelerate_config_path(name: str) -> Path:
     """An accelerate config: a path, or one shipped in circuit_breakers/accelerate_configs (ddp, fsdp2,
     deepspeed_zero2, deepspeed_zero3)."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    shipped = ACCELERATE_CONFIGS_DIR / (name if name.endswith(".yaml") else name + ".yaml")
-    if shipped.is_file():
-        return shipped
-    available = sorted(p.stem for p in ACCELERATE_CONFIGS_DIR.glob("*.yaml"))
-    raise ConfigError(f"accelerate config {name!r} not found (not a file, nor a shipped one: {', '.join(available)})")
+    return _file_or_shipped(name, ACCELERATE_CONFIGS_DIR, "accelerate config")
 
 
 def valid_keys() -> list[str]:
