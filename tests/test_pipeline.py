@@ -38,6 +38,15 @@ def test_stage_ledger_skips_finished_stages_and_reruns_what_follows_a_change(tmp
     assert run.stage(stage("a", {"x": 2})) and run.stage(stage("b", {"y": 1}))  # b follows a changed a
     assert calls == ["a", "b", "a", "b"]
 
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Run(tmp_path).stage(Stage("c", {"z": 1}, interrupted))
+    entry = json.loads((tmp_path / "stages.json").read_text())["c"]
+    assert entry == {"key": Run.digest({"z": 1}), "done": False}  # recognised, and run again next time
+    assert Run(tmp_path).stage(stage("c", {"z": 1})) and calls[-1] == "c"
+
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):

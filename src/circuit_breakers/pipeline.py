@@ -99,13 +99,17 @@ class Run:
             return False
         self.invalidated = True  # everything after a re-run stage runs again
         logger.info("stage %s: running", stage.name)
+        self._save(stage.name, {"key": digest, "done": False})  # an interrupted attempt is recognised later
         start = time.time()
         stage.fn()
-        self.ledger[stage.name] = {"key": digest, "done": True, "seconds": round(time.time() - start, 1)}
+        self._save(stage.name, {"key": digest, "done": True, "seconds": round(time.time() - start, 1)})
+        return True
+
+    def _save(self, name: str, entry: dict[str, Any]) -> None:
+        self.ledger[name] = entry
         tmp = self.ledger_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.ledger, indent=2))
         tmp.replace(self.ledger_path)
-        return True
 
     def seconds(self) -> dict[str, float]:
         return {name: entry.get("seconds", 0.0) for name, entry in self.ledger.items()}
@@ -156,8 +160,8 @@ def run_pipeline(
     train_key = {**data_key, "model": asdict(model_cfg), "data": asdict(data_cfg), "train": cb_cfg.to_dict()}
     eval_key = {**train_key, **{k: v for k, v in asdict(run_cfg).items() if k in ("attacks", "attack_budget", "judge", "eval_max_new_tokens", "xstest_path", "n_xstest")}}
 
-    # A train folder left by a run with other settings is replaced; one left by an interrupted run
-    # with these settings is resumed from its last checkpoint.
+    # A train folder left by a run with other settings is replaced; one left by an interrupted attempt
+    # with these settings (recorded as not done) is resumed from its last checkpoint.
     previous = run.ledger.get("train")
     stale_train = previous is not None and previous.get("key") != run.digest(train_key)
     stages = [
