@@ -233,3 +233,15 @@ def test_record_losses_are_aligned_and_batch_independent(two_models):
     total = teacher_forced_loss(model, tokenizer, records)
     assert total.n_records == 2 and sum(total.dropped.values()) == 1
     assert total.record_losses == pytest.approx([batched[0], batched[2]], abs=1e-5)
+
+
+def test_a_model_retrained_into_the_same_folder_is_evaluated_again(tmp_path):
+    from circuit_breakers.evaluation.compare import _model_identity
+
+    folder = tmp_path / "merged"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"one")
+    first = _model_identity(str(folder))
+    (folder / "model.safetensors").write_bytes(b"other weights")
+    assert _model_identity(str(folder)) != first
+    assert _model_identity("embedded") == "embedded"  # names that are not folders keep their old cells

@@ -381,6 +381,17 @@ def _model_source(spec: Any) -> str:
     return f"<in-memory {type(spec[0]).__name__}>"
 
 
+def _model_identity(spec: Any) -> Any:
+    """The source plus, for a local folder, its weight files' names, sizes and modification times:
+    a model retrained into the same folder (the main job's `train/merged`) must not reuse old cells."""
+    source = _model_source(spec)
+    path = Path(source)
+    if not isinstance(spec, (str, os.PathLike)) or not path.is_dir():
+        return source
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf"))
+    return [source, [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]]
+
+
 def _prompt_key(prompts: Sequence[Prompt]) -> list[Any]:
     return [[p.id, p.text, p.context, p.target] for p in prompts]
 
@@ -435,7 +446,7 @@ def evaluate_models(
     timings: dict[str, float] = {}
 
     for name, spec in models.items():
-        source = _model_source(spec)
+        source = _model_identity(spec)
         plan: list[tuple[str, str, Any]] = []  # (cell, fingerprint, attack or None)
         for label, attack in zip(labels, attack_objs):
             if prompts:
