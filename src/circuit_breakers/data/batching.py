@@ -85,3 +85,16 @@ class PairedCollator:
             "cb_mask": loss * is_cb,
             "retain_mask": loss * (1 - is_cb),
         }
+
+
+def pad_examples(examples: Sequence[Example], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, loss_mask), right-padded to the longest example: for scoring passes."""
+    width = max(len(e) for e in examples)
+    ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    mask = torch.zeros_like(ids)
+    for row, e in enumerate(examples):
+        ids[row, : len(e)] = torch.tensor(e.input_ids)
+        attention[row, : len(e)] = 1
+        mask[row, : len(e)] = torch.tensor(e.loss_mask)
+    return ids, attention, mask

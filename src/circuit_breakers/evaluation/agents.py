@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ..data.agents import ToolCase, plain_call, same_call
+from ..data.batching import pad_examples
 from ..data.render import DropRow, Example, call_parts, prompt_text, record_tool_format, render
 
 __all__ = [
@@ -82,14 +83,7 @@ def _score_examples(model: Any, tokenizer: Any, examples: Sequence[Example], bat
         for lo in range(0, len(order), batch_size):
             index = order[lo : lo + batch_size]
             batch = [examples[i] for i in index]
-            width = max(len(e) for e in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            attention = torch.zeros_like(ids)
-            mask = torch.zeros_like(ids)
-            for row, e in enumerate(batch):
-                ids[row, : len(e)] = torch.tensor(e.input_ids)
-                attention[row, : len(e)] = 1
-                mask[row, : len(e)] = torch.tensor(e.loss_mask)
+            ids, attention, mask = pad_examples(batch, pad)
             logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits.float().cpu()
             logp = torch.log_softmax(logits[:, :-1], dim=-1)
             target = ids[:, 1:]

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from ..data.records import Record
+from ..data.batching import pad_examples
 from ..data.render import render_all
 
 
@@ -60,15 +61,8 @@ def _example_losses(
         for start in tqdm(range(0, len(order), batch_size), disable=not progress, desc="capability loss", leave=False):
             index = order[start : start + batch_size]
             batch = [examples[i] for i in index]
-            width = max(len(e) for e in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            attention = torch.zeros_like(ids)
-            mask = torch.zeros_like(ids)
-            for row, example in enumerate(batch):
-                n = len(example)
-                ids[row, :n] = torch.tensor(example.input_ids)
-                attention[row, :n] = 1
-                mask[row, :n] = torch.tensor(example.loss_mask)
+            ids, attention, mask = pad_examples(batch, pad)
+            width = ids.shape[1]
             ids, attention, mask = ids.to(device), attention.to(device), mask.to(device)
             logits = model(input_ids=ids, attention_mask=attention).logits.float()
             # Token t is predicted from position t-1: a mask on the first token has no prediction.
