@@ -47,7 +47,7 @@ from circuit_breakers.data.render import Example, render_all
 from circuit_breakers.losses import coefficients
 from circuit_breakers.models import find_decoder_layers, load_model, load_tokenizer, truncate_layers
 from circuit_breakers.train import add_lora
-from circuit_breakers.trainer import CircuitBreakerTrainer, resolve_retain_layers
+from circuit_breakers.trainer import CircuitBreakerTrainer, chunk_rows, resolve_retain_layers
 
 # The original code's fixed shapes.
 REF_PROMPT_LEN = 512
@@ -312,14 +312,20 @@ def load_base(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
     return load_model(args.model, dtype=dtype).to(device)
 
 
-def make_trainer(model: nn.Module, setup: Setup, out_dir: str) -> CircuitBreakerTrainer:
-    """Our Trainer, used only for its compute_loss; its global step is set mid-training."""
+DEFAULT_CHUNK_TOKENS = CircuitBreakerConfig.__dataclass_fields__["max_chunk_tokens"].default
+
+
+def make_trainer(model: nn.Module, setup: Setup, out_dir: str, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+                 ) -> CircuitBreakerTrainer:
+    """Our Trainer, used for its training step (outside `train()`); its global step is set mid-training."""
     cfg = CircuitBreakerConfig(output_dir=out_dir, max_steps=setup.max_steps, alpha=10.0, schedule="dual",
                                retain_layers=",".join(map(str, setup.retain_layers)), report_to="none",
-                               stall_check_steps=0, use_cpu=not torch.cuda.is_available())
+                               stall_check_steps=0, use_cpu=not torch.cuda.is_available(),
+                               max_chunk_tokens=chunk_tokens)
     trainer = CircuitBreakerTrainer(model=model, args=cfg, target_layers=setup.target_layers,
                                     retain_layers=setup.retain_layers)
     trainer.state.global_step = setup.step
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, which the benchmark bypasses
     return trainer
 
 
@@ -362,6 +368,7 @@ def check_agreement(
     lora_b_std: float = 0.02,
     ref_lengths: tuple[int, int, int] = (REF_PROMPT_LEN, REF_COMPLETION_LEN, REF_RETAIN_LEN),
     seed: int = 0,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> dict[str, float]:
     """Our losses vs the paper-defined losses of reference mode's batch, same weights, dropout off.
 
@@ -375,14 +382,18 @@ def check_agreement(
     copied = copy_lora(ours, ref)
     if copied == 0:
         raise RuntimeError("no LoRA weights copied between the two models")
-    trainer = make_trainer(ours, setup, out_dir)
+    trainer = make_trainer(ours, setup, out_dir, chunk_tokens)
     ours.eval()
     with torch.no_grad():
-        loss_o, cb_o, r_o = ours_losses(trainer, ours, ours_batch(cb, retain, pad_id))
+        inputs = ours_batch(cb, retain, pad_id)
+        loss_o, cb_o, r_o = ours_losses(trainer, ours, inputs)
+        # the default step runs its rows in chunks (max_chunk_tokens); its summed loss is checked too
+        loss_chunked = trainer._step(ours, inputs, backward=lambda _loss: None)
         batch = reference_batch(cb, retain, pad_id, *ref_lengths)
         loss_r, cb_r, r_r = reference_losses(ref, batch, setup.target_layers, setup.retain_layers, setup.c_cb,
                                              setup.c_retain, training=False)
-    pairs = {"loss": (loss_o.item(), loss_r.item()), "loss_cb": (cb_o, cb_r.item()), "loss_retain": (r_o, r_r.item())}
+    pairs = {"loss": (loss_o.item(), loss_r.item()), "loss_chunked": (loss_chunked.item(), loss_r.item()),
+             "loss_cb": (cb_o, cb_r.item()), "loss_retain": (r_o, r_r.item())}
     result: dict[str, float] = {}
     worst = 0.0
     for key, (a, b) in pairs.items():
@@ -431,18 +442,20 @@ def run_mode(args: argparse.Namespace) -> dict[str, Any]:
         base = base.float()  # rounding of bf16 kernels would drown a 1e-4 comparison
         with tempfile.TemporaryDirectory() as tmp:
             c = args.check_batch
-            return {"mode": "check", **check_agreement(base, setup, cb[:c], retain[:c], pad_id, tmp, seed=args.seed)}
+            return {"mode": "check", **check_agreement(base, setup, cb[:c], retain[:c], pad_id, tmp, seed=args.seed,
+                                                       chunk_tokens=args.chunk_tokens)}
 
     tmp = tempfile.mkdtemp(prefix="cb-bench-")
     if args.mode == "ours":
         model = ours_model(base, setup)
-        trainer = make_trainer(model, setup, tmp)
+        trainer = make_trainer(model, setup, tmp, args.chunk_tokens)
         prepared = [ours_batch(c, r, pad_id) for c, r in batches]
 
         def step(inputs: dict[str, Tensor]) -> float:
-            loss = trainer.compute_loss(model, {k: v.to(device) for k, v in inputs.items()})
-            loss.backward()
-            return loss.item()
+            return trainer.training_step(model, {k: v.to(device) for k, v in inputs.items()}).item()
+
+        def processed_tokens(inputs: dict[str, Tensor]) -> int:  # what the chunks actually run
+            return sum(len(rows) * width for rows, width in chunk_rows(inputs["attention_mask"], args.chunk_tokens))
     else:
         model = reference_model(base, setup, checkpointing=True)
         prepared = [reference_batch(c, r, pad_id) for c, r in batches]
@@ -452,6 +465,9 @@ def run_mode(args: argparse.Namespace) -> dict[str, Any]:
                                           setup.c_retain)
             loss.backward()
             return loss.item()
+
+        def processed_tokens(inputs: dict[str, Tensor]) -> int:
+            return sum(v.numel() for k, v in inputs.items() if k.startswith("input_ids"))
 
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -475,7 +491,7 @@ def run_mode(args: argparse.Namespace) -> dict[str, Any]:
             times.append(elapsed)
             c, r = batches[i]
             real_tokens.append(sum(len(e) for e in (*c, *r)))
-            padded_tokens.append(sum(v.numel() for k, v in inputs.items() if k.startswith("input_ids")))
+            padded_tokens.append(processed_tokens(inputs))
     return {
         "mode": args.mode, "device": str(device), "dtype": str(dtype), "step_times": times, "losses": losses,
         "real_tokens": real_tokens, "padded_tokens": padded_tokens, "setup_memory": setup_memory,
@@ -520,7 +536,7 @@ def child(args: argparse.Namespace, mode: str, examples: Path) -> dict[str, Any]
             "--batch", str(args.batch), "--warmup", str(args.warmup), "--steps", str(args.steps),
             "--target-layers", *map(str, args.target_layers), "--at-step", str(args.at_step),
             "--max-steps", str(args.max_steps), "--seed", str(args.seed), "--check-batch", str(args.check_batch),
-            "--model", args.model]
+            "--model", args.model, "--chunk-tokens", str(args.chunk_tokens)]
     argv += ["--random-llama3-8b"] if args.random_llama3_8b else []
     argv += ["--cpu"] if args.cpu else []
     print(f"--- {mode}", file=sys.stderr, flush=True)
@@ -561,7 +577,8 @@ def main_parent(args: argparse.Namespace) -> int:
     lengths = [len(e) for e in (*cb, *retain)]
     print(f"machine: {machine()}")
     print(f"model: {'random Llama-3-8B architecture' if args.random_llama3_8b else args.model}; target layers "
-          f"{args.target_layers}; batch {args.batch} + {args.batch}; {args.warmup} warm-up + {args.steps} timed steps")
+          f"{args.target_layers}; batch {args.batch} + {args.batch}; {args.warmup} warm-up + {args.steps} timed steps; "
+          f"ours: max_chunk_tokens {args.chunk_tokens}")
     print(f"examples: {n} + {n}, real lengths {min(lengths)}..{max(lengths)} tokens (mean {statistics.mean(lengths):.0f})")
     try:
         check = None if args.skip_check else child(args, "check", examples)
@@ -602,7 +619,8 @@ def main_parent(args: argparse.Namespace) -> int:
         print(f"loss agreement ({args.check_batch} + {args.check_batch} rows, dropout off, random lora_B): "
               f"L_cb {check['loss_cb_ours']:.6f} vs {check['loss_cb_reference']:.6f}, "
               f"L_retain {check['loss_retain_ours']:.6f} vs {check['loss_retain_reference']:.6f}, "
-              f"loss {check['loss_ours']:.6f} vs {check['loss_reference']:.6f}; max relative difference "
+              f"loss {check['loss_ours']:.6f} vs {check['loss_reference']:.6f} (in chunks {check['loss_chunked_ours']:.6f}); "
+              f"max relative difference "
               f"{check['max_rel_diff']:.2e} ({'PASS' if ok else 'FAIL'} at {args.tolerance:g})")
     print(f"speedup {speedup:.2f} memory {memory:.2f}")
     return 0 if ok else 1
@@ -620,6 +638,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="completion lengths are drawn uniformly from this range")
     p.add_argument("--at-step", type=int, default=75, help="global step whose loss coefficients are used")
     p.add_argument("--max-steps", type=int, default=150)
+    p.add_argument("--chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS,
+                   help="our max_chunk_tokens (0: the whole batch in one adapted pass and backward)")
     p.add_argument("--check-batch", type=int, default=8, help="rows per set in the loss-agreement check")
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest relative loss difference accepted")
     p.add_argument("--skip-check", action="store_true")

@@ -57,11 +57,11 @@ def test_ours_equals_reference_losses(bench, tmp_path):
     assert setup.c_cb > 0 and setup.c_retain > 0
     base = make_model("llama", vocab_size=len(tokenizer), layers=6)
     result = bench.check_agreement(base, setup, cb, retain, tokenizer.pad_token_id, str(tmp_path),
-                                   lora_b_std=0.05, ref_lengths=SMALL)
+                                   lora_b_std=0.05, ref_lengths=SMALL, chunk_tokens=60)  # several chunks
     # non-trivial losses: rerouting cosine below 1, retain distance above 0
     assert 0.1 < result["loss_cb_ours"] < 0.999
     assert result["loss_retain_ours"] > 1e-3
-    assert result["max_rel_diff"] < 1e-4, result
+    assert result["max_rel_diff"] < 1e-4, result  # includes the loss of the step run in chunks
 
 
 def test_reference_losses_differ_when_masks_differ(bench, tmp_path):

@@ -50,18 +50,24 @@ def step_losses(rows):
     return {row["step"]: row["loss"] for row in rows if "loss" in row and "train_runtime" not in row}
 
 
-def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path, monkeypatch):
+# FSDP2 and DeepSpeed need GPUs: accelerate 1.15 turns FSDP on only for GPU-like devices (a CPU launch
+# with the fsdp2 config runs as MULTI_CPU, which `summary["distributed"]` would show), so only DDP runs here.
+@pytest.mark.parametrize("engine,chunk_tokens", [("ddp", "0"), ("ddp", "48")])
+def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path, monkeypatch, engine, chunk_tokens):
+    """chunk_tokens 48: each process runs its rows in chunks, gradient sync deferred to the last one."""
     model = save_tiny(tmp_path / "model")
     cb, retain = data_files(tmp_path)
     single = train(*parse_config(args(model, cb, retain, tmp_path / "one", batch=4)))
 
     # Each child process gets one thread: two of them on two cores, no oversubscription.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    code = main(["train", "--accelerate-config", "ddp", "--num-processes", "2",
-                 *args(model, cb, retain, tmp_path / "two", batch=2)])
+    code = main(["train", "--accelerate-config", engine, "--num-processes", "2",
+                 *args(model, cb, retain, tmp_path / "two", batch=2), "--max_chunk_tokens", chunk_tokens])
     assert code == 0
     rows = [json.loads(line) for line in (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()]
     one, two = step_losses(single.log_history), step_losses(rows)
+    chunks = [row["chunks"] for row in rows if "chunks" in row]
+    assert chunks and all(c > 1 if chunk_tokens != "0" else c == 1 for c in chunks), chunks
     assert sorted(two) == [1, 2, 3] and sorted(one) == [1, 2, 3]
     for step in one:
         assert two[step] == pytest.approx(one[step], abs=1e-4), (step, one, two)
@@ -78,7 +84,10 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path
     lora_b = [t for k, t in b.items() if "lora_B" in k]
     assert lora_b and all(t.norm() > 0 for t in lora_b)  # the export holds real weights, not placeholders
     # only rank 0 wrote: one log, one summary, no stray temporary folders
-    assert json.loads((tmp_path / "two" / "summary.json").read_text())["steps"] == 3
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["steps"] == 3
+    assert summary["distributed"]["processes"] == 2
+    assert summary["distributed"]["type"] == "MULTI_CPU"
     assert not [p for p in (tmp_path / "two").iterdir() if p.name.startswith(".tmp-")]
 
 
@@ -126,3 +135,65 @@ def test_launch_command_uses_a_free_port_and_rejects_unknown_configs(tmp_path):
     assert "--main_process_port" not in cmd and "--num_processes" not in cmd  # the file's own values hold
     with pytest.raises(ConfigError, match="accelerate config 'fsdp3' not found .*shipped one: .*fsdp2"):
         accelerate_config_path("fsdp3")
+
+
+@pytest.mark.parametrize("rank,level", [(None, "INFO"), ("0", "INFO"), ("1", "WARNING")])
+def test_only_the_main_process_logs_info(monkeypatch, rank, level):
+    import logging
+
+    from circuit_breakers.cli import configure_logging
+
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
+    logger = logging.getLogger("circuit_breakers")
+    monkeypatch.setattr(logger, "level", logger.level)  # restored after the test
+    configure_logging()
+    assert logging.getLevelName(logger.getEffectiveLevel()) == level
+
+
+def test_sigterm_stops_every_process_at_one_step_and_resume_matches_one_process(tmp_path):
+    """SIGTERM to `circuit-breakers train --accelerate-config ddp` reaches both workers (through the
+    launcher); they agree on a step, checkpoint it and exit 143; resuming finishes with the losses of an
+    uninterrupted single-process run with the same global batch."""
+    import signal
+    import subprocess
+    import sys
+
+    model = save_tiny(tmp_path / "model")
+    cb, retain = data_files(tmp_path)
+    steps = 40
+    longer = ["--max_steps", str(steps), "--save_strategy", "steps", "--save_steps", "1000", "--disable_tqdm", "true"]
+    single = train(*parse_config([*args(model, cb, retain, tmp_path / "one", batch=4), *longer]))
+
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "circuit_breakers.cli", "train", "--accelerate-config", "ddp", "--num-processes", "2",
+           *args(model, cb, retain, out, batch=2), *longer]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines, logged = [], 0
+    for line in proc.stdout:
+        lines.append(line)
+        logged += "'loss'" in line
+        if logged == 2:
+            proc.send_signal(signal.SIGTERM)
+            break
+    lines += proc.stdout.readlines()
+    assert proc.wait(timeout=180) == 128 + signal.SIGTERM, "".join(lines[-40:])
+    checkpoints = sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-"))
+    assert len(checkpoints) == 1, checkpoints  # one agreed step, written once (not one per rank)
+    stopped = int(checkpoints[0].split("-")[1])
+    assert 2 <= stopped < steps
+    said = [line for line in lines if "interrupted: stopped by SIGTERM" in line]
+    assert said and all(f"at step {stopped};" in line for line in said), said
+    assert not (out / "adapter").exists()
+
+    code = main(["train", "--accelerate-config", "ddp", "--num-processes", "2",
+                 *args(model, cb, retain, out, batch=2), *longer, "--resume_from_checkpoint", "last"])
+    assert code == 0
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    one, two = step_losses(single.log_history), step_losses(rows)
+    assert sorted(two) == list(range(1, steps + 1))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], abs=1e-4), (step, one[step], two[step])

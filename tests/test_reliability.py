@@ -188,6 +188,33 @@ def test_disk_full_mid_checkpoint_keeps_the_previous_one_and_resume_finishes(set
     assert_same_adapter(adapter(out), want_adapter)
 
 
+def test_disk_full_during_the_merged_export_keeps_the_adapter_and_leaves_no_half_model(setup, reference, tmp_path,
+                                                                                       monkeypatch):
+    import transformers.modeling_utils
+
+    _, want_adapter, _ = reference
+    out = tmp_path / "merge"
+    real = transformers.modeling_utils.safe_save_file
+
+    def full_on_merge(tensors, path, *a, **kw):
+        if "merged.tmp" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(tensors, path, *a, **kw)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_on_merge)
+    with pytest.raises(CheckpointError) as info:
+        train(*parse_config(args(setup, out, "--merge", "true")))
+    message = str(info.value)
+    assert "\n" not in message and "disk full" in message and "adapter" in message and "is complete" in message
+    assert not (out / "merged").exists() and not (out / "merged.tmp").exists()
+    assert_same_adapter(adapter(out), want_adapter)  # the adapter was written before the merge and is whole
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", real)
+    done = train(*parse_config(args(setup, out, "--merge", "true", "--resume_from_checkpoint", "last")))
+    assert done.merged_dir is not None and (out / "merged" / "model.safetensors").is_file()
+    assert_same_adapter(adapter(out), want_adapter)
+
+
 def test_output_dir_holding_a_different_run_is_refused_unless_overwritten(setup, reference, tmp_path):
     _, _, ref_dir = reference
     run = tmp_path / "run"

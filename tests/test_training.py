@@ -101,21 +101,22 @@ def test_resume_reproduces_uninterrupted_loss_sequence(tiny_dir, tmp_path):
     m, d, c = config(tiny_dir, tmp_path / "part", *CHOSEN, "--merge", "false", "--max_steps", "8")
     from transformers import TrainerCallback
 
-    class StopAt4(TrainerCallback):
+    class StopAt6(TrainerCallback):  # in the middle of the second epoch (4 steps per epoch)
         def on_step_end(self, args, state, control, **kw):
-            if state.global_step == 4:
-                control.should_training_stop = True
+            if state.global_step == 6:
+                control.should_training_stop = control.should_save = True
 
-    train(m, d, c, *records(), callbacks=[StopAt4()])
+    train(m, d, c, *records(), callbacks=[StopAt6()])
     m, d, c = config(tiny_dir, tmp_path / "part", *CHOSEN, "--merge", "false", "--resume_from_checkpoint",
-                     str(tmp_path / "part" / "checkpoint-4"))
+                     str(tmp_path / "part" / "checkpoint-6"))
     resumed = losses_of(train(m, d, c, *records()))
-    assert [s for s, _ in resumed] == list(range(1, 9))  # steps 1-4 come from the checkpoint's state
+    assert [s for s, _ in resumed] == list(range(1, 9))  # steps 1-6 come from the checkpoint's state
     assert resumed == full
 
 
 def test_gradient_accumulation_keeps_schedule_and_loss(tiny_dir, tmp_path):
-    nodrop = [*CHOSEN, "--lora_dropout", "0"]  # dropout masks would differ between the two layouts
+    # dropout masks would differ between the two layouts; the centred cosine's mean is per micro-batch
+    nodrop = [*CHOSEN, "--lora_dropout", "0", "--representation", "raw"]
     m, d, c = config(tiny_dir, tmp_path / "a", *nodrop, "--merge", "false", "--max_steps", "3")
     plain = train(m, d, c, *records())
     m, d, c = config(tiny_dir, tmp_path / "b", *nodrop, "--merge", "false", "--max_steps", "3",
@@ -123,15 +124,20 @@ def test_gradient_accumulation_keeps_schedule_and_loss(tiny_dir, tmp_path):
                      "--train_sampling_strategy", "sequential")
     m2, d2, c2 = config(tiny_dir, tmp_path / "c", *nodrop, "--merge", "false", "--max_steps", "3",
                         "--train_sampling_strategy", "sequential")
-    # equal-length rows, so a mean over a batch of 2 equals the mean of two batches of 1
-    same = records(numbered=False)
-    accumulated, reference = train(m, d, c, *same), train(m2, d2, c2, *same)
+    # rows of different lengths (numbered prompts, 1 vs 2 tokens): a mean of two micro-batch means would
+    # differ from the mean over all tokens; the accumulated step divides by the whole step's token count
+    cb, retain = records()
+    for i in range(0, len(cb), 4):
+        cb[i] = Record.from_prompt(cb[i].messages[0]["content"], HARMFUL + " Then bake it for forty minutes.",
+                                   "circuit_breaker")
+    accumulated, reference = train(m, d, c, cb, retain), train(m2, d2, c2, cb, retain)
     coef = lambda r: [row["coef_rerouting"] for row in r.log_history if "coef_rerouting" in row]
     assert coef(accumulated) == coef(reference) == coef(plain)
-    # identical examples, batch 2 vs 1 x 2 accumulated: same loss up to float error
+    # same examples, batch 2 vs 1 x 2 accumulated: same loss up to float error
     la = [row["loss"] for row in accumulated.log_history if "coef_rerouting" in row]
     lr = [row["loss"] for row in reference.log_history if "coef_rerouting" in row]
-    assert la == pytest.approx(lr, rel=1e-4)
+    assert la == pytest.approx(lr, rel=1e-5)
+    assert la[-1] != pytest.approx(la[0], rel=1e-3)  # training moved: the comparison means something
 
 
 def test_nan_loss_stops_with_clear_message(tiny_dir, tmp_path):

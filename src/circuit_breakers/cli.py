@@ -81,8 +81,14 @@ def _relaunch(cmd: list[str]) -> int:
         env["ACCELERATE_USE_CPU"] = "true"  # processes on CPU talk over gloo
     console.print(f"[bold]launching[/] {' '.join(cmd)}")
     proc = subprocess.Popen(cmd, env=env)
+    forwarded: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        forwarded.append(signum)
+        proc.send_signal(signum)
+
     previous = {
-        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, _frame: proc.send_signal(signum)),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
         signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
     }
     try:
@@ -90,6 +96,8 @@ def _relaunch(cmd: list[str]) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if forwarded and code != 0:  # torchrun exits 1 with a traceback after its workers stopped on the signal
+        return 128 + forwarded[0]
     return 128 - code if code < 0 else code
 
 
@@ -416,6 +424,16 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
 }
 
 
+def configure_logging() -> None:
+    """INFO from our logger on the main process; under `accelerate launch` other ranks log warnings and
+    errors only, so a multi-process run prints each message once."""
+    import os
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    logging.getLogger("circuit_breakers").setLevel(logging.INFO if main_process else logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `circuit-breakers` script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -423,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         lines = "\n".join(f"  {name:<10} {fn.__doc__.splitlines()[0]}" for name, fn in COMMANDS.items())
         print(f"usage: circuit-breakers COMMAND [options]\n\ncommands:\n{lines}")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     try:
         return COMMANDS[argv[0]](argv[1:])
     except USER_ERRORS as err:

@@ -119,6 +119,11 @@ class CircuitBreakerConfig(TrainingArguments):
         metadata={"help": "Retain distance: l2 (paper), relative (divided by the frozen norm, so it weighs like the cosine) or relative_squared (issue 10)."},
     )
     num_outlier_dims: int = field(default=3, metadata={"help": "Dimensions excluded by representation=no_outliers (found from frozen activations)."})
+    max_chunk_tokens: int = field(
+        default=1024,
+        metadata={"help": "Run a step's rows through the adapted pass and backward in chunks of at most this many padded "
+                          "tokens (rows sorted by length): less activation memory and padding, same gradient; 0: whole batch."},
+    )
     stall_check_steps: int = field(default=20, metadata={"help": "Warn if rerouting has not started after this many steps (0: off)."})
     stall_margin: float = field(default=0.05, metadata={"help": "Fall in rerouting cosine that counts as started."})
     truncate_layers: bool = field(default=True, metadata={"help": "Train without the blocks above the deepest target layer."})
@@ -132,6 +137,8 @@ class CircuitBreakerConfig(TrainingArguments):
         super().__post_init__()
         if self.alpha < 0:
             raise ConfigError("alpha must be non-negative")
+        if self.max_chunk_tokens < 0:
+            raise ConfigError("max_chunk_tokens must be 0 (no chunks) or positive")
         for name, allowed in (("schedule", ("dual", "cosine", "single")), ("representation", ("raw", "centered", "no_outliers")),
                               ("retain_distance", ("l2", "relative", "relative_squared"))):
             if getattr(self, name) not in allowed:

@@ -19,22 +19,32 @@ Representation = Literal["raw", "centered", "no_outliers"]
 RetainDistance = Literal["l2", "relative", "relative_squared"]
 
 
-def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+Count = Tensor | float | None
+"""The number of (layer, token) pairs a mean divides by; None: those of the given mask. A step that
+runs its rows in chunks passes the whole batch's count, so the chunks' losses add up to the batch's."""
+
+
+def _masked_mean(values: Tensor, mask: Tensor, count: Count = None) -> Tensor:
     """Mean of `values` [L, B, T] over the (layer, token) pairs where `mask` [B, T] is 1."""
     weights = mask.to(values.dtype).unsqueeze(0).expand_as(values)
-    return (values * weights).sum() / weights.sum().clamp_min(1.0)
+    total = (values * weights).sum()
+    if count is None:
+        return total / weights.sum().clamp_min(1.0)
+    return total / (count.clamp_min(1.0) if isinstance(count, Tensor) else max(float(count), 1.0))
 
 
-def rerouting_loss(adapted: Tensor, frozen: Tensor, mask: Tensor) -> Tensor:
+def rerouting_loss(adapted: Tensor, frozen: Tensor, mask: Tensor, count: Count = None) -> Tensor:
     """L_cb = mean over masked tokens and layers of ReLU(cos(adapted, frozen)) (paper, eq. 1).
 
     Zero once the adapted representation is orthogonal to (or opposite) the frozen one.
     """
     cos = F.cosine_similarity(adapted.float(), frozen.float(), dim=-1)
-    return _masked_mean(cos.relu(), mask)
+    return _masked_mean(cos.relu(), mask, count)
 
 
-def retain_loss(adapted: Tensor, frozen: Tensor, mask: Tensor, distance: RetainDistance = "l2") -> Tensor:
+def retain_loss(
+    adapted: Tensor, frozen: Tensor, mask: Tensor, distance: RetainDistance = "l2", count: Count = None
+) -> Tensor:
     """L_retain = mean over masked tokens and layers of d(adapted, frozen).
 
     - l2 (paper, eq. 1): ||adapted - frozen||_2.
@@ -53,7 +63,7 @@ def retain_loss(adapted: Tensor, frozen: Tensor, mask: Tensor, distance: RetainD
             dist = dist.square()
     elif distance != "l2":
         raise ValueError(f"unknown retain distance {distance!r}; choose l2, relative or relative_squared")
-    return _masked_mean(dist, mask)
+    return _masked_mean(dist, mask, count)
 
 
 def masked_cosine(adapted: Tensor, frozen: Tensor, mask: Tensor) -> Tensor:
@@ -89,13 +99,20 @@ def for_cosine(
     raise ValueError(f"unknown representation {mode!r}; choose raw, centered or no_outliers")
 
 
+def dimension_energy(frozen: Tensor, mask: Tensor) -> Tensor:
+    """[H]: the summed squared activation of each hidden dimension over masked tokens and layers."""
+    w = mask.to(frozen.dtype)[None, :, :, None]
+    return (frozen.float() ** 2 * w).sum(dim=(0, 1, 2))
+
+
+def top_dimensions(energy: Tensor, k: int) -> list[int]:
+    """The `k` dimensions of largest energy, in increasing order."""
+    return torch.topk(energy, k).indices.sort().values.tolist() if k > 0 else []
+
+
 def outlier_dimensions(frozen: Tensor, mask: Tensor, k: int) -> list[int]:
     """The `k` hidden dimensions with the largest mean squared activation over masked tokens and layers."""
-    if k <= 0:
-        return []
-    w = mask.to(frozen.dtype)[None, :, :, None]
-    energy = (frozen.float() ** 2 * w).sum(dim=(0, 1, 2))
-    return torch.topk(energy, k).indices.sort().values.tolist()
+    return top_dimensions(dimension_energy(frozen, mask), k)
 
 
 def coefficients(

@@ -301,11 +301,15 @@ def export_merged(
     merged = merged.to(resolve_dtype(dtype))
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp, safe_serialization=True)
-    load_tokenizer(base_model, trust_remote_code).save_pretrained(tmp)
-    card = Path(adapter_dir, "README.md")
-    if card.is_file():
-        shutil.copy(card, tmp / "README.md")
+    try:  # written beside, renamed into place when complete: a failure (disk full) leaves no half model
+        merged.save_pretrained(tmp, safe_serialization=True)
+        load_tokenizer(base_model, trust_remote_code).save_pretrained(tmp)
+        card = Path(adapter_dir, "README.md")
+        if card.is_file():
+            shutil.copy(card, tmp / "README.md")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return out_dir

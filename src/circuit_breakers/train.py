@@ -426,7 +426,8 @@ def train(
     }
     export_adapter(trainer, model, adapter_dir, card, model_cfg.model_name_or_path)  # every process: gathers
     summary = {**plan, **trainer.rerouting_summary(), "steps": trainer.state.global_step,
-               "examples": {name: len(r.examples) for name, r in rendered.items()}}
+               "examples": {name: len(r.examples) for name, r in rendered.items()},
+               "distributed": trainer.engine()}
     merged_dir = None
     if trainer.is_world_process_zero():
         try:

@@ -12,9 +12,10 @@ import os
 import shutil
 import signal
 import threading
+from contextlib import nullcontext
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -113,6 +114,16 @@ class CircuitBreakerTrainer(Trainer):
         n = self.accelerator.num_processes
         return n * (local.float() * layers).clamp_min(1.0) / (total.float() * layers).clamp_min(1.0)
 
+    def engine(self) -> dict[str, Any]:
+        """What ran the step: accelerate's distributed type, FSDP version or ZeRO stage, process count."""
+        state = self.accelerator.state
+        info: dict[str, Any] = {"type": str(state.distributed_type.value), "processes": self.accelerator.num_processes}
+        if self.is_fsdp_enabled:
+            info["fsdp_version"] = getattr(state.fsdp_plugin, "fsdp_version", 1)
+        if self.is_deepspeed_enabled:
+            info["zero_stage"] = state.deepspeed_plugin.zero_stage
+        return info
+
     # --- sampling -------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -120,7 +131,8 @@ class CircuitBreakerTrainer(Trainer):
             # Grouped by the global batch, so that N devices see the same global batches, in the same
             # order, as one device with N times the batch (the dataloader then shards each of them).
             global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
-            return LengthGroupedSampler(global_batch, lengths=dataset.lengths)
+            return EpochLengthGroupedSampler(global_batch, dataset.lengths, self.args.data_seed or self.args.seed,
+                                             lambda: self.state.epoch)
         return super()._get_train_sampler(train_dataset)
 
     # --- the step -------------------------------------------------------------------------------
@@ -140,14 +152,47 @@ class CircuitBreakerTrainer(Trainer):
         finally:
             peft_model.train(was_training)
 
-    def _centered(self, adapted: Tensor, frozen: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """`representation=centered` with the mean over the global batch's masked tokens (all devices)."""
-        w = mask.to(frozen.dtype)[None, :, :, None]
-        counts = w.sum(dim=(1, 2)).expand(frozen.shape[0], 1)
-        sums = torch.cat([(frozen.detach() * w).sum(dim=(1, 2)), counts], dim=-1)  # [L, H + 1]
-        sums = self.accelerator.reduce(sums.float(), reduction="sum").to(frozen.dtype)
-        mean = (sums[:, :-1] / sums[:, -1:].clamp_min(1.0))[:, None, None, :]
-        return adapted - mean, frozen - mean
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Tensor], num_items_in_batch: Tensor | int | None = None
+    ) -> Tensor:
+        """Trainer's step, except that a batch larger than `max_chunk_tokens` runs the adapted pass and its
+        backward in chunks of rows: activation memory falls with the chunk size, the gradient is unchanged
+        (each chunk's loss is its share of the batch's token mean, so the chunks' gradients add up to it).
+
+        `num_items_in_batch` (from `_get_num_items_in_batch`): the masked tokens of the whole optimizer step;
+        the loss is then already normalised for gradient accumulation and must not be divided again.
+        """
+        counts = num_items_in_batch if isinstance(num_items_in_batch, Tensor) and num_items_in_batch.numel() == 2 else None
+        self.loss_is_scaled_for_ga = counts is not None
+        if not self._chunking(model) or len(chunk_rows(inputs["attention_mask"], self.args.max_chunk_tokens)) < 2:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        scale = 1.0
+        if counts is None:
+            scale = 1.0 / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        with self.compute_loss_context_manager():
+            loss = self._step(model, inputs, lambda chunk_loss: self.accelerator.backward(chunk_loss * scale), counts)
+        return loss.detach() * scale
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Tensor | None:
+        """[circuit-breaker tokens, retain tokens] masked in every micro-batch of this optimizer step, summed
+        over processes. Losses divide by these, so gradient accumulation and several devices give exactly
+        the mean over every masked token of the global batch, as one device with the whole batch would."""
+        if not batch_samples or "cb_mask" not in batch_samples[0]:
+            return super()._get_num_items_in_batch(batch_samples, device)
+        counts = sum(torch.stack([(b["cb_mask"] * b["attention_mask"]).sum(), (b["retain_mask"] * b["attention_mask"]).sum()])
+                     for b in batch_samples).float().to(device)
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        return counts
+
+    def _chunking(self, model: nn.Module) -> bool:
+        """Chunked backward needs several backward calls per step: fine on one device and under DDP
+        (gradient sync deferred to the last chunk), not under FSDP or DeepSpeed, whose engines own it."""
+        return self.args.max_chunk_tokens > 0 and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
 
     def compute_loss(
         self,
@@ -157,70 +202,138 @@ class CircuitBreakerTrainer(Trainer):
         num_items_in_batch: Tensor | int | None = None,
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """loss = c_cb(t) L_rerouting + c_retain(t) L_retain at optimizer step t (the global step)."""
+        counts = num_items_in_batch if isinstance(num_items_in_batch, Tensor) and num_items_in_batch.numel() == 2 else None
+        loss = self._step(model, inputs, None, counts)
+        return (loss, {}) if return_outputs else loss
+
+    def _step(self, model: nn.Module, inputs: dict[str, Tensor], backward: Any, counts: Tensor | None = None) -> Tensor:
+        """The batch's loss. With `backward` (a function of a chunk's loss), rows run in chunks, each
+        chunk's loss is passed to it and the detached total is returned; without, one attached loss.
+
+        `counts`: masked [circuit-breaker, retain] tokens of the whole optimizer step on all devices (see
+        `_get_num_items_in_batch`); without them, the means are over this batch (and all devices).
+
+        Everything that depends on the whole batch (token counts, the centring mean, outlier dimensions,
+        the global scaling across devices) is computed from the frozen passes before any adapted one.
+        """
         args = self.args
-        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        attention_mask = inputs["attention_mask"]
         cb_mask = inputs["cb_mask"] * attention_mask
         retain_mask = inputs["retain_mask"] * attention_mask
-
-        frozen = self._frozen_states(model, input_ids, attention_mask)
-        adapted = hidden_states(model, input_ids, attention_mask, self.capture_layers, self._through(model))
+        groups = chunk_rows(attention_mask, args.max_chunk_tokens) if backward is not None else [(None, None)]
+        chunks = [_take(rows, width, inputs["input_ids"], attention_mask, cb_mask, retain_mask) for rows, width in groups]
+        frozen = [self._frozen_states(model, ids, attn) for ids, attn, _, _ in chunks]
 
         distributed = self.accelerator.num_processes > 1
-        frozen_cb, adapted_cb = stacked(frozen, self.target_layers), stacked(adapted, self.target_layers)
+        n_target, n_retain = len(self.target_layers), len(self.retain_layers)
+        local_cb, local_retain = cb_mask.sum().float() * n_target, retain_mask.sum().float() * n_retain
+        count_cb, count_retain = local_cb, local_retain
+        scale_cb = scale_retain = 1.0
+        if counts is not None:  # devices average their gradients: n x (local sum / global count) sums them
+            count_cb, count_retain = counts[0] * n_target, counts[1] * n_retain
+            scale_cb = scale_retain = float(self.accelerator.num_processes)
+        elif distributed:
+            scale_cb = self._global_count_scale(cb_mask.sum(), n_target)
+            scale_retain = self._global_count_scale(retain_mask.sum(), n_retain)
+        center = self._center(frozen, chunks) if args.representation == "centered" else None
         if args.representation == "no_outliers" and self.outlier_dims is None:
-            dims = losses.outlier_dimensions(frozen_cb, cb_mask, args.num_outlier_dims)
-            if distributed:  # every device must exclude the same dimensions: rank 0's choice
-                from accelerate.utils import broadcast_object_list
-
-                dims = broadcast_object_list([dims], from_process=0)[0]
-            self.outlier_dims = dims
-            logger.info("rerouting cosine excludes outlier dimensions %s", self.outlier_dims)
-        if args.representation == "centered" and distributed:
-            cos_adapted, cos_frozen = self._centered(adapted_cb, frozen_cb, cb_mask)
-        else:
-            cos_adapted, cos_frozen = losses.for_cosine(
-                adapted_cb, frozen_cb, cb_mask, args.representation, self.outlier_dims or ()
-            )
-        loss_cb = losses.rerouting_loss(cos_adapted, cos_frozen, cb_mask)
-        frozen_r, adapted_r = stacked(frozen, self.retain_layers), stacked(adapted, self.retain_layers)
-        loss_retain = losses.retain_loss(adapted_r, frozen_r, retain_mask, args.retain_distance)
-        if distributed:
-            loss_cb = loss_cb * self._global_count_scale(cb_mask.sum(), len(self.target_layers))
-            loss_retain = loss_retain * self._global_count_scale(retain_mask.sum(), len(self.retain_layers))
+            self._find_outlier_dims(frozen, chunks)
 
         step = self.state.global_step
         c_cb, c_retain = losses.coefficients(
             step, args.max_steps, args.alpha, args.schedule, args.decay_multiplier, args.retain_weight,
             args.reroute_warmup_steps,
         )
-        loss = c_cb * loss_cb + c_retain * loss_retain
-        if not torch.isfinite(loss):
-            checkpoint = self.state.best_model_checkpoint or "the last checkpoint in " + str(args.output_dir)
-            raise TrainingDiverged(
-                f"loss became {loss.item()} at step {step} (rerouting {loss_cb.item()}, retain {loss_retain.item()}); "
-                f"training stopped, {checkpoint} is intact. Lower learning_rate or alpha, or use float32."
-            )
-        self._record(loss_cb, loss_retain, c_cb, c_retain, adapted_cb, frozen_cb, adapted_r, frozen_r, cb_mask, retain_mask)
-        if args.representation != "raw":  # the cosine the loss sees, beside the raw one (issue 10)
-            self._metrics["cos_rerouting_seen"].append(losses.masked_cosine(cos_adapted, cos_frozen, cb_mask).item())
-        return (loss, {}) if return_outputs else loss
+        stats: dict[str, Tensor] = defaultdict(lambda: torch.zeros(()))
+        total: Tensor | float = 0.0
+        for i, ((ids, attn, m_cb, m_retain), frozen_i) in enumerate(zip(chunks, frozen)):
+            last = i == len(chunks) - 1
+            sync = nullcontext() if last or not distributed or backward is None else self.accelerator.no_sync(model)
+            with sync:
+                adapted = hidden_states(model, ids, attn, self.capture_layers, self._through(model))
+                frozen_cb, adapted_cb = stacked(frozen_i, self.target_layers), stacked(adapted, self.target_layers)
+                if center is not None:
+                    cos_adapted, cos_frozen = adapted_cb - center, frozen_cb - center
+                else:
+                    cos_adapted, cos_frozen = losses.for_cosine(
+                        adapted_cb, frozen_cb, m_cb, args.representation, self.outlier_dims or ()
+                    )
+                loss_cb = losses.rerouting_loss(cos_adapted, cos_frozen, m_cb, count_cb) * scale_cb
+                frozen_r, adapted_r = stacked(frozen_i, self.retain_layers), stacked(adapted, self.retain_layers)
+                loss_retain = losses.retain_loss(adapted_r, frozen_r, m_retain, args.retain_distance, count_retain)
+                loss_retain = loss_retain * scale_retain
+                loss = c_cb * loss_cb + c_retain * loss_retain
+                if not torch.isfinite(loss):
+                    checkpoint = self.state.best_model_checkpoint or "the last checkpoint in " + str(args.output_dir)
+                    raise TrainingDiverged(
+                        f"loss became {loss.item()} at step {step} (rerouting {loss_cb.item()}, retain "
+                        f"{loss_retain.item()}); training stopped, {checkpoint} is intact. Lower learning_rate "
+                        "or alpha, or use float32."
+                    )
+                _accumulate(stats, loss_cb, loss_retain, adapted_cb, frozen_cb, cos_adapted, cos_frozen, adapted_r,
+                            frozen_r, m_cb, m_retain)
+                if backward is None:
+                    total = total + loss
+                else:
+                    backward(loss)
+                    total = total + loss.detach()
+                del adapted, adapted_cb, adapted_r, cos_adapted, loss
+        stats["chunks"] = torch.tensor(float(len(chunks)))
+        # the logged component losses are this batch's own means, whatever the normalisation above
+        for key, count, scale, local in (("loss_rerouting", count_cb, scale_cb, local_cb),
+                                         ("loss_retain", count_retain, scale_retain, local_retain)):
+            stats[key] = stats[key] * (count / scale / local.clamp_min(1.0)).to(stats[key].device)
+        self._record(stats, c_cb, c_retain)
+        return total if isinstance(total, Tensor) else torch.zeros((), device=attention_mask.device)
 
-    @torch.no_grad()
-    def _record(self, loss_cb: Tensor, loss_retain: Tensor, c_cb: float, c_retain: float, adapted_cb: Tensor,
-                frozen_cb: Tensor, adapted_r: Tensor, frozen_r: Tensor, cb_mask: Tensor, retain_mask: Tensor) -> None:
-        cos = torch.nn.functional.cosine_similarity(adapted_cb.float(), frozen_cb.float(), dim=-1)
-        w = cb_mask.unsqueeze(0).expand_as(cos).bool()
+    def _center(self, frozen: list[dict[int, Tensor]], chunks: list[tuple[Tensor, ...]]) -> Tensor:
+        """[L, 1, 1, H]: the frozen mean over the batch's masked circuit-breaker tokens (all devices)."""
+        sums = []
+        for states, (_, _, m_cb, _) in zip(frozen, chunks):
+            f = stacked(states, self.target_layers)
+            w = m_cb.to(f.dtype)[None, :, :, None]
+            sums.append(torch.cat([(f * w).sum(dim=(1, 2)), w.sum(dim=(1, 2)).expand(f.shape[0], 1)], dim=-1))
+        total = torch.stack(sums).sum(dim=0).float()  # [L, H + 1]
+        if self.accelerator.num_processes > 1:
+            total = self.accelerator.reduce(total, reduction="sum")
+        dtype = frozen[0][self.target_layers[0]].dtype
+        return (total[:, :-1] / total[:, -1:].clamp_min(1.0)).to(dtype)[:, None, None, :]
+
+    def _find_outlier_dims(self, frozen: list[dict[int, Tensor]], chunks: list[tuple[Tensor, ...]]) -> None:
+        """`representation=no_outliers`: the dimensions of largest frozen energy; rank 0's choice on every device."""
+        energy = sum(losses.dimension_energy(stacked(states, self.target_layers), m_cb)
+                     for states, (_, _, m_cb, _) in zip(frozen, chunks))
+        dims = losses.top_dimensions(energy, self.args.num_outlier_dims)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            dims = broadcast_object_list([dims], from_process=0)[0]
+        self.outlier_dims = dims
+        logger.info("rerouting cosine excludes outlier dimensions %s", self.outlier_dims)
+
+    def _record(self, stats: dict[str, Tensor], c_cb: float, c_retain: float) -> None:
+        """Turn the step's summed statistics into the logged metrics (one transfer from the device)."""
+        keys = sorted(stats)
+        values = dict(zip(keys, torch.stack([stats[k] for k in keys]).tolist()))
+        n_cb = values["n_cb"]
+
+        def mean(key: str) -> float:
+            return values[key] / n_cb if n_cb else float("nan")
+
         metrics = {
-            "loss_rerouting": loss_cb.item(),
-            "loss_retain": loss_retain.item(),
+            "loss_rerouting": values["loss_rerouting"],
+            "loss_retain": values["loss_retain"],
             "coef_rerouting": c_cb,
             "coef_retain": c_retain,
-            "cos_rerouting": cos[w].mean().item() if w.any() else float("nan"),
-            "cos_rerouting_pos_frac": (cos[w] > 0).float().mean().item() if w.any() else float("nan"),
-            "cos_retain": losses.masked_cosine(adapted_r, frozen_r, retain_mask).item(),
-            "norm_rerouting_adapted": adapted_cb.float().norm(dim=-1)[w].mean().item() if w.any() else float("nan"),
-            "norm_rerouting_frozen": frozen_cb.float().norm(dim=-1)[w].mean().item() if w.any() else float("nan"),
+            "cos_rerouting": mean("cos"),
+            "cos_rerouting_pos_frac": mean("cos_pos"),
+            "cos_retain": values["cos_retain"] / max(values["n_retain"], 1.0),
+            "norm_rerouting_adapted": mean("norm_adapted"),
+            "norm_rerouting_frozen": mean("norm_frozen"),
         }
+        metrics["chunks"] = values["chunks"]  # row chunks the step ran in (max_chunk_tokens)
+        if self.args.representation != "raw":  # the cosine the loss sees, beside the raw one (issue 10)
+            metrics["cos_rerouting_seen"] = values["cos_seen"] / max(n_cb, 1.0)
         for key, value in metrics.items():
             self._metrics[key].append(value)
 
@@ -403,6 +516,80 @@ class CircuitBreakerTrainer(Trainer):
             "rerouted": bool(start[1] - end[1] >= self.args.stall_margin),
             "stall_warning": self.stall_warned,
         }
+
+
+class EpochLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' length-grouped sampler, with an order that depends only on (seed, epoch).
+
+    The plain one shuffles with the global RNG as it is when an epoch starts; a run resumed in the middle
+    of epoch 2 or later draws that epoch's order from another RNG state and so trains on other batches
+    than the uninterrupted run did. The epoch comes from the trainer's state (`epoch_of`), not from
+    `set_epoch`, which accelerate's batch-skipping wrapper does not pass on under several processes.
+    """
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int, epoch_of: Callable[[], float]) -> None:
+        super().__init__(batch_size, lengths=lengths)
+        self.seed, self.epoch_of = seed, epoch_of
+
+    def __iter__(self) -> Any:
+        self.generator = torch.Generator().manual_seed(self.seed + int(self.epoch_of() or 0))
+        return super().__iter__()
+
+def chunk_rows(attention_mask: Tensor, max_tokens: int) -> list[tuple[Tensor, int]]:
+    """Rows grouped into chunks of at most `max_tokens` padded tokens (always at least one row), longest
+    rows first, each chunk trimmed to its own longest row: [(row indices, width)].
+
+    Sorting by length means short rows no longer pad to the batch's longest one. `max_tokens <= 0`:
+    one chunk with every row.
+    """
+    present = attention_mask.bool()
+    cols = torch.arange(1, attention_mask.shape[1] + 1, device=attention_mask.device)
+    ends = (present * cols).amax(dim=1).tolist()  # one past the last real token (right or left padding)
+    if max_tokens <= 0:
+        return [(torch.arange(len(ends)), max(ends, default=0))]
+    order = sorted(range(len(ends)), key=lambda i: -ends[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * ends[groups[-1][0]] <= max_tokens:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return [(torch.tensor(sorted(g)), ends[g[0]]) for g in groups]
+
+
+def _take(rows: Tensor | None, width: int | None, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """The chunk's rows, cut to its width (all of each tensor when `rows` is None)."""
+    if rows is None:
+        return tensors
+    rows = rows.to(tensors[0].device)
+    return tuple(t.index_select(0, rows)[:, :width] for t in tensors)
+
+
+@torch.no_grad()
+def _accumulate(stats: dict[str, Tensor], loss_cb: Tensor, loss_retain: Tensor, adapted_cb: Tensor, frozen_cb: Tensor,
+                cos_adapted: Tensor, cos_frozen: Tensor, adapted_r: Tensor, frozen_r: Tensor, cb_mask: Tensor,
+                retain_mask: Tensor) -> None:
+    """Add a chunk's sums (of cosines, norms, masked pairs) to the step's, so metrics are batch means."""
+    cosine = torch.nn.functional.cosine_similarity
+    w = cb_mask.float().unsqueeze(0).expand(adapted_cb.shape[:3])
+    cos = cosine(adapted_cb.float(), frozen_cb.float(), dim=-1)
+    seen = cosine(cos_adapted.float(), cos_frozen.float(), dim=-1)
+    w_r = retain_mask.float().unsqueeze(0).expand(adapted_r.shape[:3])
+    cos_r = cosine(adapted_r.float(), frozen_r.float(), dim=-1)
+    parts = {
+        "loss_rerouting": loss_cb.float(),
+        "loss_retain": loss_retain.float(),
+        "n_cb": w.sum(),
+        "cos": (cos * w).sum(),
+        "cos_pos": ((cos > 0).float() * w).sum(),
+        "cos_seen": (seen * w).sum(),
+        "norm_adapted": (adapted_cb.float().norm(dim=-1) * w).sum(),
+        "norm_frozen": (frozen_cb.float().norm(dim=-1) * w).sum(),
+        "n_retain": w_r.sum(),
+        "cos_retain": (cos_r * w_r).sum(),
+    }
+    for key, value in parts.items():
+        stats[key] = stats[key].to(value.device) + value.detach()
 
 
 class _StopOnSignal(TrainerCallback):
