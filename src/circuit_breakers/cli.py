@@ -161,6 +161,81 @@ def _cmd_merge(argv: list[str]) -> int:
     return 0
 
 
+def _cmd_probe(argv: list[str]) -> int:
+    """probe train --harmful F --benign F --out DIR: a harmfulness probe that can halt generation"""
+    parser = argparse.ArgumentParser(prog="circuit-breakers probe")
+    sub = parser.add_subparsers(dest="action", required=True)
+    fit = sub.add_parser("train", help="train, calibrate (target false-positive rate) and test a probe")
+    fit.add_argument("--model", default="embedded", help="the model whose hidden states the probe reads")
+    fit.add_argument("--harmful", required=True, help="records with harmful completions (comma list of files)")
+    fit.add_argument("--benign", required=True, help="records with benign completions (comma list of files)")
+    fit.add_argument("--out", required=True, help="probe folder (put it beside the model: MODEL_DIR/probe)")
+    fit.add_argument("--layer", type=int, help="hidden_states index (default: the middle of the model)")
+    fit.add_argument("--kind", choices=["linear", "mlp"], default="linear")
+    fit.add_argument("--target_fpr", type=float, default=0.05)
+    fit.add_argument("--window", type=int, default=8, help="tokens averaged before the threshold is applied")
+    fit.add_argument("--epochs", type=int, default=4)
+    fit.add_argument("--lr", type=float, default=1e-3)
+    fit.add_argument("--batch_size", type=int, default=8)
+    fit.add_argument("--max_length", type=int, default=512)
+    fit.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from pathlib import Path
+
+    from .data.records import read_records
+    from .models import load_model_and_tokenizer, num_layers
+    from .probes import fit_probe
+
+    harmful = [r for path in args.harmful.split(",") for r in read_records(path)]
+    benign = [r for path in args.benign.split(",") for r in read_records(path)]
+    model, tokenizer = load_model_and_tokenizer(args.model, "float32")
+    layer = args.layer if args.layer is not None else num_layers(model) // 2
+    probe, report = fit_probe(model, tokenizer, harmful, benign, layer, args.kind, args.target_fpr, args.epochs,
+                              args.lr, args.batch_size, args.max_length, args.seed, args.window)
+    out = probe.save(args.out)
+    (Path(out) / "probe_report.json").write_text(json.dumps({"model": args.model, **report}, indent=2))
+    console.print_json(json.dumps(report))
+    console.print(f"[bold green]probe[/] {out}")
+    return 0
+
+
+def _cmd_serve(argv: list[str]) -> int:
+    """serve --model M [--adapter A] [--probe DIR]: OpenAI-compatible chat completions with a probe guard"""
+    parser = argparse.ArgumentParser(prog="circuit-breakers serve")
+    parser.add_argument("--model", default="embedded", help="base or merged model (hub id, folder, embedded)")
+    parser.add_argument("--adapter", help="a LoRA adapter folder to apply on top of --model")
+    parser.add_argument("--probe", default="auto", help="probe folder; auto: MODEL/probe if it exists; none: no guard")
+    parser.add_argument("--name", help="model name the API reports (default: --model)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--max_queue", type=int, default=8, help="requests waiting or running; more get HTTP 429")
+    parser.add_argument("--max_time", type=float, default=60.0, help="seconds one generation may take")
+    parser.add_argument("--max_new_tokens", type=int, default=512)
+    parser.add_argument("--refusal", default=None, help="text that replaces a halted answer")
+    args = parser.parse_args(argv)
+    from pathlib import Path
+
+    from .models import load_model_and_tokenizer, resolve_model_path
+    from .probes import Probe
+    from .serve import DEFAULT_REFUSAL, GuardedGenerator, run_server
+
+    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter)
+    probe_dir = args.probe
+    if probe_dir == "auto":
+        local = Path(resolve_model_path(args.model))
+        probe_dir = str(local / "probe") if (local / "probe" / "probe.json").is_file() else "none"
+    probe = Probe.load(probe_dir) if probe_dir != "none" else None
+    console.print(f"[bold]guard[/] {probe_dir if probe else 'none'}")
+    generator = GuardedGenerator(model, tokenizer, probe, args.refusal or DEFAULT_REFUSAL, args.max_time, args.max_new_tokens)
+    run_server(generator, args.name or args.model, args.host, args.port, args.max_queue)
+    return 0
+
+
 def _cmd_run(argv: list[str]) -> int:
     """run [recipe.yaml] [--any_field value ...]: data -> train -> merge -> evaluate -> report"""
     from .config import parse_run_config
@@ -421,6 +496,8 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "eval": _cmd_eval,
     "env": _cmd_env,
     "agents": _cmd_agents,
+    "probe": _cmd_probe,
+    "serve": _cmd_serve,
 }
 
 

@@ -71,8 +71,11 @@ class CaseScore:
 
 
 @torch.no_grad()
-def _score_examples(model: Any, tokenizer: Any, examples: Sequence[Example], batch_size: int) -> list[tuple[float, bool]]:
+def _score_examples(model: Any, tokenizer: Any, examples: Sequence[Example], batch_size: int,
+                    desc: str = "scoring tool calls") -> list[tuple[float, bool]]:
     """(summed log-prob of the masked tokens, top-1 prediction of the last masked token is right)."""
+    from tqdm.auto import tqdm
+
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
@@ -80,7 +83,7 @@ def _score_examples(model: Any, tokenizer: Any, examples: Sequence[Example], bat
     was_training = getattr(model, "training", False)
     model.eval()
     try:
-        for lo in range(0, len(order), batch_size):
+        for lo in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
             index = order[lo : lo + batch_size]
             batch = [examples[i] for i in index]
             ids, attention, mask = pad_examples(batch, pad)
@@ -120,7 +123,7 @@ def score_cases(
             except (DropRow, ValueError, KeyError, TypeError):
                 continue
             slots.append((n, role))
-    scored = _score_examples(model, tokenizer, examples, batch_size)
+    scored = _score_examples(model, tokenizer, examples, batch_size, f"scoring {len(cases)} cases")
     out = [CaseScore(case.id, case.injected, None, None, favourite=bool(case.correct_call and case.correct_call["name"] in favourite_tools))
            for case in cases]
     for (n, role), (lp, end_ok) in zip(slots, scored):
