@@ -270,3 +270,26 @@ def test_agentdojo_builder_on_banking():
         assert case.messages[-1]["role"] == "tool" and case.correct_call["name"] == "send_money"
         assert case.injected_call["name"] == "send_money" and "US1330000001212121212" in json.dumps(case.injected_call)
         assert ("US133000000121212121212" in case.messages[-1]["content"]) == case.injected
+
+
+def test_agent_experiment_end_to_end_on_a_tiny_model_and_base_reuse(grid, tmp_path):
+    """Split, train (2 steps), score base and circuit-broken; a second run reuses the base scores only
+    when its splits and base model are the same."""
+    from helpers import save_tiny
+
+    from circuit_breakers.evaluation.agents import agent_experiment
+
+    model = save_tiny(tmp_path / "model", layers=4)
+    recipe = ["--config", "agent-embedded", "--model_name_or_path", str(model), "--target_layers", "2", "4",
+              "--max_steps", "2", "--output_dir", str(tmp_path / "run"), "--save_steps", "100", "--max_length", "128"]
+    first = agent_experiment(grid, recipe, n_train_cb=8, n_eval=6, eval_batch_size=4)
+    assert first["counts"]["train_cb"] == 8 and first["counts"]["eval"]["heldout_injection"] == 6
+    assert first["base"]["heldout_injection"]["n_injected"] > 0
+    assert first["circuit_broken"]["heldout_injection"]["mean_margin_injected_minus_correct"] is not None
+    assert first["base"] != first["circuit_broken"]  # training changed the scores
+
+    again = agent_experiment(grid, [*recipe, "--max_steps", "1"], n_train_cb=8, n_eval=6, eval_batch_size=4,
+                             base_result=json.loads(json.dumps(first)))
+    assert again["base"] == first["base"]
+    with pytest.raises(ValueError, match="other splits"):
+        agent_experiment(grid, recipe, n_train_cb=8, n_eval=5, eval_batch_size=4, base_result=first)

@@ -455,6 +455,8 @@ def _cmd_agents(argv: list[str]) -> int:
     exp.add_argument("--n_eval", type=int, default=120)
     exp.add_argument("--heldout_attacks", default="tool_knowledge")
     exp.add_argument("--seed", type=int, default=0)
+    exp.add_argument("--base_from", help="reuse the base model's scores from an earlier results JSON (same cases, "
+                                          "n_eval, seed and held-out attacks; checked)")
     args, rest = parser.parse_known_args(argv)
     from pathlib import Path
 
@@ -479,8 +481,12 @@ def _cmd_agents(argv: list[str]) -> int:
     from .evaluation.agents import agent_experiment
 
     cases = [c for path in args.cases for c in read_cases(path)]
-    result = agent_experiment(cases, rest or ["--config", "agent-embedded"], args.n_train_cb, args.n_eval,
-                              [a for a in args.heldout_attacks.split(",") if a], args.seed)
+    base = None
+    if args.base_from:  # the base model's scores from an earlier run on the same splits
+        base = json.loads(Path(args.base_from).read_text(encoding="utf-8"))
+    recipe = rest if "--config" in rest else ["--config", "agent-embedded", *rest]  # overrides apply to the recipe
+    result = agent_experiment(cases, recipe, args.n_train_cb, args.n_eval,
+                              [a for a in args.heldout_attacks.split(",") if a], args.seed, base_result=base)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")

@@ -162,7 +162,7 @@ class CircuitBreakerTrainer(Trainer):
         `num_items_in_batch` (from `_get_num_items_in_batch`): the masked tokens of the whole optimizer step;
         the loss is then already normalised for gradient accumulation and must not be divided again.
         """
-        counts = num_items_in_batch if isinstance(num_items_in_batch, Tensor) and num_items_in_batch.numel() == 2 else None
+        counts = _step_counts(num_items_in_batch)
         self.loss_is_scaled_for_ga = counts is not None
         if not self._chunking(model) or len(chunk_rows(inputs["attention_mask"], self.args.max_chunk_tokens)) < 2:
             return super().training_step(model, inputs, num_items_in_batch)
@@ -202,8 +202,7 @@ class CircuitBreakerTrainer(Trainer):
         num_items_in_batch: Tensor | int | None = None,
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """loss = c_cb(t) L_rerouting + c_retain(t) L_retain at optimizer step t (the global step)."""
-        counts = num_items_in_batch if isinstance(num_items_in_batch, Tensor) and num_items_in_batch.numel() == 2 else None
-        loss = self._step(model, inputs, None, counts)
+        loss = self._step(model, inputs, None, _step_counts(num_items_in_batch))
         return (loss, {}) if return_outputs else loss
 
     def _step(self, model: nn.Module, inputs: dict[str, Tensor], backward: Any, counts: Tensor | None = None) -> Tensor:
@@ -555,6 +554,13 @@ def chunk_rows(attention_mask: Tensor, max_tokens: int) -> list[tuple[Tensor, in
         else:
             groups.append([i])
     return [(torch.tensor(sorted(g)), ends[g[0]]) for g in groups]
+
+
+def _step_counts(num_items_in_batch: Any) -> Tensor | None:
+    """Our `_get_num_items_in_batch` value ([circuit-breaker, retain] tokens), or None (called directly)."""
+    if isinstance(num_items_in_batch, Tensor) and num_items_in_batch.numel() == 2:
+        return num_items_in_batch
+    return None
 
 
 def _take(rows: Tensor | None, width: int | None, *tensors: Tensor) -> tuple[Tensor, ...]:

@@ -363,6 +363,7 @@ def agent_experiment(
     heldout_attacks: Sequence[str] = ("tool_knowledge",),
     seed: int = 0,
     eval_batch_size: int = 8,
+    base_result: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Split `cases`, train circuit breakers on the training split (injected call rerouted; the
     user's next call retained on clean and injected conversations), then score base and
@@ -384,16 +385,29 @@ def agent_experiment(
     evals = {name: _cap(split, n_eval, seed) for name, split in splits.items()}
     # "too broad": the benign split's cases whose correct call uses an injection's favourite tool
     evals["too_broad"] = [c for c in splits["benign"] if c.correct_call and c.correct_call["name"] in favourites]
+    eval_counts = {k: len(v) for k, v in evals.items()}
     base, tokenizer = load_model_and_tokenizer(model_cfg.model_name_or_path, model_cfg.dtype)
-    before = evaluate_splits(base, tokenizer, evals, data_cfg.max_length, eval_batch_size, favourites)
+    if base_result is not None:  # scores of the same base model on the same splits: reuse them
+        m0, d0, _ = parse_config(list(base_result.get("config", [])))
+        same = (base_result.get("counts", {}).get("eval") == eval_counts
+                and base_result.get("heldout_attacks") == list(heldout_attacks)
+                and base_result.get("seed", seed) == seed
+                and (m0.model_name_or_path, m0.dtype, d0.max_length)
+                == (model_cfg.model_name_or_path, model_cfg.dtype, data_cfg.max_length))
+        if not same:
+            raise ValueError("--base_from was made with other splits or another recipe; its base scores do not apply")
+        before = base_result["base"]
+    else:
+        before = evaluate_splits(base, tokenizer, evals, data_cfg.max_length, eval_batch_size, favourites)
     del base
     result = train(model_cfg, data_cfg, cb_cfg, cb_records, retain_records)
     broken = load_model(str(result.merged_dir), model_cfg.dtype)
     after = evaluate_splits(broken, tokenizer, evals, data_cfg.max_length, eval_batch_size, favourites)
     return {
         "config": list(config_args),
+        "seed": seed,
         "counts": {"all": case_counts(cases), "train_cb": len(cb_records), "train_retain": len(retain_records),
-                   "eval": {k: len(v) for k, v in evals.items()}},
+                   "eval": eval_counts},
         "favourite_tools": favourites,
         "heldout_injection_tasks": sorted({f"{c.suite}/{c.injection_task}" for c in splits["heldout_injection"]}),
         "heldout_attacks": list(heldout_attacks),
