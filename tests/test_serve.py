@@ -98,6 +98,12 @@ def test_openai_shape_streaming_and_bounds_on_a_tiny_model(tiny):
         assert codes.count(200) >= 2 and set(codes) <= {200, 429} and 429 in codes, codes
         assert ask(url, "Hello again").status_code == 200  # slots are given back
 
+        # a client that leaves mid-stream: its generation stops and the model serves the next request
+        with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60,
+                          json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 24, "stream": True}) as s:
+            next(s.iter_lines())
+        assert ask(url, "Hello", max_tokens=8).json()["choices"][0]["message"]["content"] == plain
+
 
 def test_generation_time_is_bounded(tiny):
     model, tokenizer = tiny

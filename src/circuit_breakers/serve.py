@@ -14,12 +14,13 @@ the probe judges each token as it is produced) and a last chunk carries the refu
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, MaxTimeCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import (
+    GenerationConfig, MaxTimeCriteria, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer,
+)
 
 from .evaluation.generation import render_prompts, stop_token_ids
 from .probes import Probe, ProbeMonitor, probe_device
@@ -82,40 +83,76 @@ class GuardedGenerator:
         score = float(monitor.scores[0]) if monitor is not None and monitor.scores is not None else None
         return Completion(text, reason, int(inputs["input_ids"].shape[1]), int(len(new)), score)
 
-    def stream(self, messages: list[dict[str, Any]], max_tokens: int | None = None, temperature: float = 0.0
-               ) -> Iterator[tuple[str, str | None]]:
-        """(text piece, None) as tokens arrive, then ("" or the refusal, finish_reason)."""
+    def start_stream(self, messages: list[dict[str, Any]], max_tokens: int | None = None, temperature: float = 0.0
+                     ) -> "StreamHandle":
+        """Start a generation in a worker thread that holds the model's lock while it runs; read text
+        pieces from the handle as they come. `cancel()` (a client that went away) stops it at the next
+        token, so the lock is never held for a reader that is gone."""
         inputs, config, monitor, criteria = self._prepare(messages, max_tokens, temperature)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True,
-                                        timeout=self.max_time + 30)
-        result: dict[str, Any] = {}
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        handle = StreamHandle(streamer)
+        criteria.append(_Cancelled(handle.cancelled))
 
         def run() -> None:
-            try:
-                with torch.no_grad():
-                    if monitor is not None:
-                        with monitor.attached():
-                            result["out"] = self.model.generate(**inputs, generation_config=config,
-                                                                stopping_criteria=criteria, streamer=streamer)
-                    else:
-                        result["out"] = self.model.generate(**inputs, generation_config=config,
-                                                            stopping_criteria=criteria, streamer=streamer)
-            except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
-                result["error"] = err
-                streamer.end()
+            with self.lock:
+                try:
+                    if handle.cancelled.is_set():
+                        return
+                    with torch.no_grad():
+                        if monitor is not None:
+                            with monitor.attached():
+                                out = self.model.generate(**inputs, generation_config=config,
+                                                          stopping_criteria=criteria, streamer=streamer)
+                        else:
+                            out = self.model.generate(**inputs, generation_config=config,
+                                                      stopping_criteria=criteria, streamer=streamer)
+                    new = out[0, inputs["input_ids"].shape[1]:]
+                    handle.reason = self._finish(new, config, monitor)
+                    handle.final = self.refusal if handle.reason == "content_filter" else ""
+                except BaseException as err:  # noqa: BLE001 - handed to the reader
+                    handle.error = err
+                finally:
+                    streamer.end()
 
-        with self.lock:
-            worker = threading.Thread(target=run, daemon=True)
-            worker.start()
-            for piece in streamer:
-                if piece:
-                    yield piece, None
-            worker.join()
-        if "error" in result:
-            raise result["error"]
-        new = result["out"][0, inputs["input_ids"].shape[1]:]
-        reason = self._finish(new, config, monitor)
-        yield (self.refusal if reason == "content_filter" else ""), reason
+        handle.worker = threading.Thread(target=run, daemon=True)
+        handle.worker.start()
+        return handle
+
+
+@dataclass
+class StreamHandle:
+    """A running streamed generation: `next_piece()` until None, then `finish()`."""
+
+    streamer: Any
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    worker: threading.Thread | None = None
+    reason: str = "stop"
+    final: str = ""
+    error: BaseException | None = None
+
+    def next_piece(self) -> str | None:
+        return next(iter(self.streamer), None)
+
+    def finish(self) -> tuple[str, str]:
+        """(the last text to send: "" or the refusal, finish_reason), once the worker is done."""
+        if self.worker is not None:
+            self.worker.join()
+        if self.error is not None:
+            raise self.error
+        return self.final, self.reason
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class _Cancelled(StoppingCriteria):
+    """Stopping criterion: stop every row once `event` is set."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 def create_app(generator: GuardedGenerator, model_name: str, max_queue: int = 8) -> Any:
@@ -165,17 +202,21 @@ def create_app(generator: GuardedGenerator, model_name: str, max_queue: int = 8)
                           "total_tokens": done.prompt_tokens + done.completion_tokens},
             }
 
-        def events() -> Iterator[str]:
+        async def events() -> Any:
             import json
 
+            handle = generator.start_stream(messages, request.max_tokens, request.temperature)
             try:
                 # the role comes first, as OpenAI sends it
                 yield _chunk(ident, created, model_name, {"role": "assistant", "content": ""}, None, json)
-                for piece, reason in generator.stream(messages, request.max_tokens, request.temperature):
-                    delta = {"content": piece} if piece else {}
-                    yield _chunk(ident, created, model_name, delta, reason, json)
+                while (piece := await anyio.to_thread.run_sync(handle.next_piece)) is not None:
+                    if piece:
+                        yield _chunk(ident, created, model_name, {"content": piece}, None, json)
+                final, reason = await anyio.to_thread.run_sync(handle.finish)
+                yield _chunk(ident, created, model_name, {"content": final} if final else {}, reason, json)
                 yield "data: [DONE]\n\n"
-            finally:
+            finally:  # also when the client went away: stop generating, give the slot back
+                handle.cancel()
                 slots.release()
 
         return StreamingResponse(events(), media_type="text/event-stream")
