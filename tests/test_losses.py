@@ -106,3 +106,20 @@ def test_warmup_holds_retain_at_zero():
 def test_unknown_schedule_rejected():
     with pytest.raises(ValueError, match="unknown schedule"):
         losses.coefficients(0, 10, 1.0, "linear")
+
+
+def test_a_given_count_divides_the_sum_so_chunks_add_up():
+    """Chunked steps pass the whole batch's count: each chunk's loss is its share of the batch mean."""
+    torch.manual_seed(0)
+    a, f = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 5, 8)
+    mask = (torch.rand(4, 5) > 0.4).long()
+    whole = losses.rerouting_loss(a, f, mask)
+    count = mask.sum() * 2  # (layer, token) pairs of the whole batch
+    parts = losses.rerouting_loss(a[:, :2], f[:, :2], mask[:2], count) + losses.rerouting_loss(a[:, 2:], f[:, 2:], mask[2:], count)
+    assert parts.item() == pytest.approx(whole.item(), rel=1e-6)
+    for distance in ("l2", "relative", "relative_squared"):
+        whole = losses.retain_loss(a, f, mask, distance)
+        parts = (losses.retain_loss(a[:, :1], f[:, :1], mask[:1], distance, count)
+                 + losses.retain_loss(a[:, 1:], f[:, 1:], mask[1:], distance, float(count)))
+        assert parts.item() == pytest.approx(whole.item(), rel=1e-6)
+    assert losses.rerouting_loss(a, f, torch.zeros_like(mask), 0).item() == 0.0  # nothing masked, count 0: 0, not NaN

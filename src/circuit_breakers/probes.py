@@ -6,8 +6,8 @@ the probe trains (nothing is stacked into one big matrix), so the data can be la
 The monitor fires when the mean token probability over the last `window` tokens exceeds the
 threshold, so a completion's score is the largest such window mean (the mean of all its tokens when
 it is shorter). A single token is a noisy witness: with the largest token probability instead, one
-benign token that resembles harmful text halts a benign answer (measured: a third of held-out benign
-answers on the embedded model). The threshold is calibrated on benign completions so that at most
+benign token that resembles harmful text halts a benign answer (a third to a half of held-out benign
+answers on the embedded model in small trials; docs/probes.md). The threshold is calibrated on benign completions so that at most
 `target_fpr` of them would be halted. A probe is saved as `probe.safetensors` (weights) + `probe.json` (layer, threshold, ...).
 """
 
@@ -320,8 +320,8 @@ def fit_probe(
     layer: int,
     kind: str = "linear",
     target_fpr: float = 0.05,
-    epochs: int = 4,
-    lr: float = 1e-3,
+    epochs: int = 8,
+    lr: float = 3e-3,
     batch_size: int = 8,
     max_length: int = 512,
     seed: int = 0,
