@@ -272,6 +272,23 @@ def test_agentdojo_builder_on_banking():
         assert ("US133000000121212121212" in case.messages[-1]["content"]) == case.injected
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("agentdojo") is None, reason="agentdojo is not installed (pip install 'circuit-breakers[agents]')")
+@pytest.mark.skipif(not os.environ.get("CB_AGENTDOJO_TESTS"), reason="importing agentdojo takes minutes on a 2-core machine; set CB_AGENTDOJO_TESTS=1")
+def test_agentdojo_benchmark_runs_a_local_model_through_agentdojo(tmp_path):
+    """AgentDojo's own benchmark loop with our pipeline element and a local model: every task is run
+    and traced (a tiny random model completes none, so the rates are 0; the point is the plumbing)."""
+    from circuit_breakers.evaluation.agents import agentdojo_benchmark
+
+    tokenizer = make_tokenizer("chatml")
+    model = make_model("llama", vocab_size=len(tokenizer), layers=2)
+    result = agentdojo_benchmark(model, tokenizer, suites=("banking",), user_tasks=["user_task_0", "user_task_1"],
+                                 injection_tasks=["injection_task_0"], max_new_tokens=8, logdir=str(tmp_path))
+    assert result["banking"]["n_user_tasks"] == 2 and result["banking"]["n_pairs"] == 2
+    assert {k: result["banking"][k] for k in ("utility", "utility_under_attack")} == {"utility": 0.0, "utility_under_attack": 0.0}
+    assert list(tmp_path.rglob("*.json"))  # AgentDojo's traces
+
+
 def test_agent_experiment_end_to_end_on_a_tiny_model_and_base_reuse(grid, tmp_path):
     """Split, train (2 steps), score base and circuit-broken; a second run reuses the base scores only
     when its splits and base model are the same."""

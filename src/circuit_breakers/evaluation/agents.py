@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -300,11 +301,15 @@ class TransformersAgent:
 def agentdojo_benchmark(
     model: Any, tokenizer: Any, suites: Sequence[str] = ("banking",), attack: str = "important_instructions",
     version: str = "v1.2.2", user_tasks: Sequence[str] | None = None, injection_tasks: Sequence[str] | None = None,
-    name: str = "gpt-4o-2024-05-13", max_new_tokens: int = 256,
+    name: str = "gpt-4o-2024-05-13", max_new_tokens: int = 256, logdir: str | None = None,
 ) -> dict[str, Any]:
     """Run AgentDojo itself with a local model (GPU advised): utility without attack, utility under
     attack and targeted attack success rate per suite (AgentDojo's `security == True` means the
-    injection succeeded)."""
+    injection succeeded). AgentDojo writes one trace per task under `logdir` (a temporary folder if
+    None) and skips tasks already traced there."""
+    import tempfile
+
+    from agentdojo.logging import OutputLogger
     from agentdojo.agent_pipeline import AgentPipeline, InitQuery, SystemMessage, ToolsExecutionLoop, ToolsExecutor
     from agentdojo.agent_pipeline.agent_pipeline import load_system_message
     from agentdojo.attacks.attack_registry import load_attack
@@ -315,11 +320,16 @@ def agentdojo_benchmark(
     pipeline = AgentPipeline([SystemMessage(load_system_message(None)), InitQuery(), llm, ToolsExecutionLoop([ToolsExecutor(), llm])])
     pipeline.name = name
     results: dict[str, Any] = {}
+    logdir = logdir or tempfile.mkdtemp(prefix="agentdojo-")
     for suite_name in suites:
         suite = get_suites(version)[suite_name]
-        clean = benchmark_suite_without_injections(pipeline, suite, None, True, user_tasks, benchmark_version=version)
-        attacked = benchmark_suite_with_injections(pipeline, suite, load_attack(attack, suite, pipeline), None, True,
-                                                   user_tasks, injection_tasks, verbose=False, benchmark_version=version)
+        with OutputLogger(logdir):  # AgentDojo's trace logger needs one around each benchmark call
+            clean = benchmark_suite_without_injections(pipeline, suite, Path(logdir), False, user_tasks,
+                                                       benchmark_version=version)
+        with OutputLogger(logdir):
+            attacked = benchmark_suite_with_injections(pipeline, suite, load_attack(attack, suite, pipeline),
+                                                       Path(logdir), False, user_tasks, injection_tasks, verbose=False,
+                                                       benchmark_version=version)
         u = list(clean["utility_results"].values())
         ua = list(attacked["utility_results"].values())
         sec = list(attacked["security_results"].values())
