@@ -12,6 +12,7 @@ the probe judges each token as it is produced) and a last chunk carries the refu
 # annotation, which must be the class itself (defined inside `create_app`), not a string.
 
 import threading
+from contextlib import nullcontext
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -71,12 +72,8 @@ class GuardedGenerator:
 
     def complete(self, messages: list[dict[str, Any]], max_tokens: int | None = None, temperature: float = 0.0) -> Completion:
         inputs, config, monitor, criteria = self._prepare(messages, max_tokens, temperature)
-        with self.lock, torch.no_grad():
-            if monitor is not None:
-                with monitor.attached():
-                    out = self.model.generate(**inputs, generation_config=config, stopping_criteria=criteria)
-            else:
-                out = self.model.generate(**inputs, generation_config=config, stopping_criteria=criteria)
+        with self.lock, torch.no_grad(), (monitor.attached() if monitor is not None else nullcontext()):
+            out = self.model.generate(**inputs, generation_config=config, stopping_criteria=criteria)
         new = out[0, inputs["input_ids"].shape[1]:]  # one row: no padding after it stopped
         reason = self._finish(new, config, monitor)
         text = self.refusal if reason == "content_filter" else self.tokenizer.decode(new, skip_special_tokens=True)
@@ -98,14 +95,9 @@ class GuardedGenerator:
                 try:
                     if handle.cancelled.is_set():
                         return
-                    with torch.no_grad():
-                        if monitor is not None:
-                            with monitor.attached():
-                                out = self.model.generate(**inputs, generation_config=config,
-                                                          stopping_criteria=criteria, streamer=streamer)
-                        else:
-                            out = self.model.generate(**inputs, generation_config=config,
-                                                      stopping_criteria=criteria, streamer=streamer)
+                    with torch.no_grad(), (monitor.attached() if monitor is not None else nullcontext()):
+                        out = self.model.generate(**inputs, generation_config=config, stopping_criteria=criteria,
+                                                  streamer=streamer)
                     new = out[0, inputs["input_ids"].shape[1]:]
                     handle.reason = self._finish(new, config, monitor)
                     handle.final = self.refusal if handle.reason == "content_filter" else ""
