@@ -162,3 +162,38 @@ def test_chosen_default_reroutes_without_warning(tiny_dir, tmp_path, caplog):
         result = train(m, d, c, *records())
     assert result.summary["rerouted"] is True
     assert not any("rerouting has not started" in r.message for r in caplog.records)
+
+
+def test_init_adapter_continues_from_an_existing_adapter(tiny_dir, tmp_path):
+    """Continual training (issue 9): the second run starts from the first run's LoRA weights, not from a
+    fresh LoRA, and trains them further; an adapter deeper than the kept blocks is refused."""
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    m, d, c = config(tiny_dir, tmp_path / "first", *CHOSEN, "--merge", "false", "--max_steps", "3")
+    first = train(m, d, c, *records())
+    first_weights = load_file(str(first.adapter_dir / "adapter_model.safetensors"))
+
+    seen = {}
+
+    class AtStart(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            seen.update({n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n})
+
+    m, d, c = config(tiny_dir, tmp_path / "second", *CHOSEN, "--merge", "false", "--max_steps", "3",
+                     "--init_adapter", str(first.adapter_dir))
+    second = train(m, d, c, *records(), callbacks=[AtStart()])
+    at_start = {n.replace(".default", ""): t for n, t in seen.items()}
+    assert at_start and at_start.keys() == first_weights.keys()
+    for name, weight in first_weights.items():
+        torch.testing.assert_close(at_start[name], weight)  # started exactly from the first adapter
+    lora_b = [n for n in at_start if "lora_B" in n]
+    assert all(at_start[n].abs().sum() > 0 for n in lora_b)
+    after = load_file(str(second.adapter_dir / "adapter_model.safetensors"))
+    assert any(not torch.equal(after[n], first_weights[n]) for n in first_weights)  # and trained them further
+    assert second.summary["lora_blocks"] == first.summary["lora_blocks"]
+
+    m, d, c = config(tiny_dir, tmp_path / "shallow", *CHOSEN, "--merge", "false", "--target_layers", "1", "2",
+                     "--init_adapter", str(first.adapter_dir))
+    with pytest.raises(ValueError, match="has LoRA on block 3"):
+        train(m, d, c, *records())

@@ -55,6 +55,11 @@ class ModelConfig:
         metadata={"help": "lora_B initialisation: zero (paper, peft default) or random (breaks the symmetry that stalls rerouting at cos=1, issue 10)."},
     )
     lora_init_scale: float = field(default=0.01, metadata={"help": "Std of lora_B when lora_init=random."})
+    init_adapter: str | None = field(
+        default=None,
+        metadata={"help": "Continue from this adapter (continual training, e.g. a new harm category): its LoRA weights "
+                          "and shape are loaded and trained further instead of a fresh LoRA."},
+    )
 
 
 @dataclass

@@ -104,6 +104,20 @@ def add_lora(model: PreTrainedModel, model_cfg: ModelConfig, blocks: Sequence[in
     return peft_model
 
 
+def load_trainable_adapter(model: PreTrainedModel, path: str, kept_blocks: int) -> tuple[PeftModel, list[int]]:
+    """An existing adapter, trainable, on the (possibly truncated) model: continual training starts from
+    its weights. Its LoRA blocks must all exist in the kept blocks, or part of it would be silently lost."""
+    from peft import PeftConfig, PeftModel
+
+    config = PeftConfig.from_pretrained(path)
+    layers = config.layers_to_transform
+    blocks = sorted(layers) if isinstance(layers, list) else [layers] if isinstance(layers, int) else list(range(kept_blocks))
+    if blocks and max(blocks) >= kept_blocks:
+        raise ValueError(f"init_adapter {path} has LoRA on block {max(blocks)}, but training keeps blocks 0..{kept_blocks - 1}"
+                         " (the deepest target layer): choose target layers at least as deep as the adapter's run")
+    return PeftModel.from_pretrained(model, path, is_trainable=True), blocks
+
+
 def setup_model(
     model_cfg: ModelConfig, cb_cfg: CircuitBreakerConfig
 ) -> tuple[PeftModel, PreTrainedTokenizerBase, dict[str, Any]]:
@@ -118,7 +132,10 @@ def setup_model(
     if cb_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    peft_model = add_lora(model, model_cfg, blocks)
+    if model_cfg.init_adapter:
+        peft_model, blocks = load_trainable_adapter(model, model_cfg.init_adapter, len(find_decoder_layers(model)))
+    else:
+        peft_model = add_lora(model, model_cfg, blocks)
     plan = {"num_layers": n, "target_layers": target, "retain_layers": retain, "lora_blocks": blocks,
             "trained_layers": max(target) if cb_cfg.truncate_layers else n}
     return peft_model, tokenizer, plan
