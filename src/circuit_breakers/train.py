@@ -223,7 +223,8 @@ _TRAJECTORY_KEYS = (
     "adam_beta2", "adam_epsilon", "max_grad_norm", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "bf16",
     "fp16", "train_sampling_strategy",
 )
-_OPERATIONAL_KEYS = ("overwrite_output_dir", "merge", "stall_check_steps", "stall_margin", "output_dir")
+_OPERATIONAL_KEYS = ("overwrite_output_dir", "merge", "stall_check_steps", "stall_margin", "output_dir",
+                     "max_chunk_tokens")  # chunks change memory, not the gradient: a run may resume with others
 
 
 def _plain(value: Any) -> Any:
