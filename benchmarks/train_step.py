@@ -388,7 +388,8 @@ def check_agreement(
         inputs = ours_batch(cb, retain, pad_id)
         loss_o, cb_o, r_o = ours_losses(trainer, ours, inputs)
         # the default step runs its rows in chunks (max_chunk_tokens); its summed loss is checked too
-        loss_chunked = trainer._step(ours, inputs, backward=lambda _loss: None)
+        groups = chunk_rows(inputs["attention_mask"], chunk_tokens)
+        loss_chunked = trainer._step(ours, inputs, groups=groups, backward=lambda _loss: None)
         batch = reference_batch(cb, retain, pad_id, *ref_lengths)
         loss_r, cb_r, r_r = reference_losses(ref, batch, setup.target_layers, setup.retain_layers, setup.c_cb,
                                              setup.c_retain, training=False)

@@ -164,7 +164,8 @@ class CircuitBreakerTrainer(Trainer):
         """
         counts = _step_counts(num_items_in_batch)
         self.loss_is_scaled_for_ga = counts is not None
-        if not self._chunking(model) or len(chunk_rows(inputs["attention_mask"], self.args.max_chunk_tokens)) < 2:
+        groups = chunk_rows(inputs["attention_mask"], self.args.max_chunk_tokens) if self._chunking(model) else []
+        if len(groups) < 2:
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
@@ -174,7 +175,7 @@ class CircuitBreakerTrainer(Trainer):
         if counts is None:
             scale = 1.0 / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         with self.compute_loss_context_manager():
-            loss = self._step(model, inputs, lambda chunk_loss: self.accelerator.backward(chunk_loss * scale), counts)
+            loss = self._step(model, inputs, counts, groups, lambda chunk_loss: self.accelerator.backward(chunk_loss * scale))
         return loss.detach() * scale
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Tensor | None:
@@ -202,12 +203,14 @@ class CircuitBreakerTrainer(Trainer):
         num_items_in_batch: Tensor | int | None = None,
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """loss = c_cb(t) L_rerouting + c_retain(t) L_retain at optimizer step t (the global step)."""
-        loss = self._step(model, inputs, None, _step_counts(num_items_in_batch))
+        loss = self._step(model, inputs, _step_counts(num_items_in_batch))
         return (loss, {}) if return_outputs else loss
 
-    def _step(self, model: nn.Module, inputs: dict[str, Tensor], backward: Any, counts: Tensor | None = None) -> Tensor:
-        """The batch's loss. With `backward` (a function of a chunk's loss), rows run in chunks, each
-        chunk's loss is passed to it and the detached total is returned; without, one attached loss.
+    def _step(self, model: nn.Module, inputs: dict[str, Tensor], counts: Tensor | None = None,
+              groups: list[tuple[Tensor, int]] | None = None, backward: Any = None) -> Tensor:
+        """The batch's loss. `groups` (from `chunk_rows`): the rows run chunk by chunk (None: all at once);
+        with `backward` (a function of a chunk's loss) each chunk's loss is passed to it as soon as it is
+        computed and the detached total is returned; without, the attached total.
 
         `counts`: masked [circuit-breaker, retain] tokens of the whole optimizer step on all devices (see
         `_get_num_items_in_batch`); without them, the means are over this batch (and all devices).
@@ -219,8 +222,8 @@ class CircuitBreakerTrainer(Trainer):
         attention_mask = inputs["attention_mask"]
         cb_mask = inputs["cb_mask"] * attention_mask
         retain_mask = inputs["retain_mask"] * attention_mask
-        groups = chunk_rows(attention_mask, args.max_chunk_tokens) if backward is not None else [(None, None)]
-        chunks = [_take(rows, width, inputs["input_ids"], attention_mask, cb_mask, retain_mask) for rows, width in groups]
+        chunks = [_take(rows, width, inputs["input_ids"], attention_mask, cb_mask, retain_mask)
+                  for rows, width in (groups or [(None, None)])]
         frozen = [self._frozen_states(model, ids, attn) for ids, attn, _, _ in chunks]
 
         distributed = self.accelerator.num_processes > 1
@@ -244,7 +247,7 @@ class CircuitBreakerTrainer(Trainer):
             args.reroute_warmup_steps,
         )
         stats: dict[str, Tensor] = defaultdict(lambda: torch.zeros(()))
-        total: Tensor | float = 0.0
+        total = torch.zeros((), device=attention_mask.device)
         for i, ((ids, attn, m_cb, m_retain), frozen_i) in enumerate(zip(chunks, frozen)):
             last = i == len(chunks) - 1
             sync = nullcontext() if last or not distributed or backward is None else self.accelerator.no_sync(model)
@@ -262,28 +265,28 @@ class CircuitBreakerTrainer(Trainer):
                 loss_retain = losses.retain_loss(adapted_r, frozen_r, m_retain, args.retain_distance, count_retain)
                 loss_retain = loss_retain * scale_retain
                 loss = c_cb * loss_cb + c_retain * loss_retain
-                if not torch.isfinite(loss):
-                    checkpoint = self.state.best_model_checkpoint or "the last checkpoint in " + str(args.output_dir)
-                    raise TrainingDiverged(
-                        f"loss became {loss.item()} at step {step} (rerouting {loss_cb.item()}, retain "
-                        f"{loss_retain.item()}); training stopped, {checkpoint} is intact. Lower learning_rate "
-                        "or alpha, or use float32."
-                    )
-                _accumulate(stats, loss_cb, loss_retain, adapted_cb, frozen_cb, cos_adapted, cos_frozen, adapted_r,
-                            frozen_r, m_cb, m_retain)
+                seen = (cos_adapted, cos_frozen) if args.representation != "raw" else None
+                _accumulate(stats, loss_cb, loss_retain, adapted_cb, frozen_cb, seen, adapted_r, frozen_r, m_cb, m_retain)
                 if backward is None:
                     total = total + loss
                 else:
                     backward(loss)
                     total = total + loss.detach()
                 del adapted, adapted_cb, adapted_r, cos_adapted, loss
+        if not torch.isfinite(total):  # once per step (one sync); the optimizer has not stepped yet
+            checkpoint = self.state.best_model_checkpoint or "the last checkpoint in " + str(args.output_dir)
+            raise TrainingDiverged(
+                f"loss became {float(total)} at step {step} (rerouting {float(stats['loss_rerouting'])}, retain "
+                f"{float(stats['loss_retain'])}); training stopped, {checkpoint} is intact. Lower learning_rate "
+                "or alpha, or use float32."
+            )
         stats["chunks"] = torch.tensor(float(len(chunks)))
         # the logged component losses are this batch's own means, whatever the normalisation above
         for key, count, scale, local in (("loss_rerouting", count_cb, scale_cb, local_cb),
                                          ("loss_retain", count_retain, scale_retain, local_retain)):
             stats[key] = stats[key] * (count / scale / local.clamp_min(1.0)).to(stats[key].device)
         self._record(stats, c_cb, c_retain)
-        return total if isinstance(total, Tensor) else torch.zeros((), device=attention_mask.device)
+        return total
 
     def _center(self, frozen: list[dict[int, Tensor]], chunks: list[tuple[Tensor, ...]]) -> Tensor:
         """[L, 1, 1, H]: the frozen mean over the batch's masked circuit-breaker tokens (all devices)."""
@@ -573,13 +576,13 @@ def _take(rows: Tensor | None, width: int | None, *tensors: Tensor) -> tuple[Ten
 
 @torch.no_grad()
 def _accumulate(stats: dict[str, Tensor], loss_cb: Tensor, loss_retain: Tensor, adapted_cb: Tensor, frozen_cb: Tensor,
-                cos_adapted: Tensor, cos_frozen: Tensor, adapted_r: Tensor, frozen_r: Tensor, cb_mask: Tensor,
+                seen: tuple[Tensor, Tensor] | None, adapted_r: Tensor, frozen_r: Tensor, cb_mask: Tensor,
                 retain_mask: Tensor) -> None:
-    """Add a chunk's sums (of cosines, norms, masked pairs) to the step's, so metrics are batch means."""
+    """Add a chunk's sums (of cosines, norms, masked pairs) to the step's, so metrics are batch means.
+    `seen`: the (adapted, frozen) representation the rerouting cosine sees, when it is not the raw one."""
     cosine = torch.nn.functional.cosine_similarity
     w = cb_mask.float().unsqueeze(0).expand(adapted_cb.shape[:3])
     cos = cosine(adapted_cb.float(), frozen_cb.float(), dim=-1)
-    seen = cosine(cos_adapted.float(), cos_frozen.float(), dim=-1)
     w_r = retain_mask.float().unsqueeze(0).expand(adapted_r.shape[:3])
     cos_r = cosine(adapted_r.float(), frozen_r.float(), dim=-1)
     parts = {
@@ -588,12 +591,13 @@ def _accumulate(stats: dict[str, Tensor], loss_cb: Tensor, loss_retain: Tensor, 
         "n_cb": w.sum(),
         "cos": (cos * w).sum(),
         "cos_pos": ((cos > 0).float() * w).sum(),
-        "cos_seen": (seen * w).sum(),
         "norm_adapted": (adapted_cb.float().norm(dim=-1) * w).sum(),
         "norm_frozen": (frozen_cb.float().norm(dim=-1) * w).sum(),
         "n_retain": w_r.sum(),
         "cos_retain": (cos_r * w_r).sum(),
     }
+    if seen is not None:
+        parts["cos_seen"] = (cosine(seen[0].float(), seen[1].float(), dim=-1) * w).sum()
     for key, value in parts.items():
         stats[key] = stats[key].to(value.device) + value.detach()
 

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .records import DataError, Record, iter_jsonl
+from .records import DataError, Record, iter_jsonl, write_jsonl
 from .render import call_parts
 
 __all__ = [
@@ -130,14 +130,7 @@ class ToolCase:
 
 def write_cases(cases: Iterable[ToolCase], path: str | Path) -> Path:
     """JSONL, one case a line (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for case in cases:
-            handle.write(json.dumps(case.to_dict(), ensure_ascii=False, default=str) + "\n")
-    tmp.replace(path)
-    return path
+    return write_jsonl((case.to_dict() for case in cases), path)
 
 
 def read_cases(path: str | Path) -> list[ToolCase]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -146,13 +146,18 @@ def read_records(path: str | Path, kind: Kind | None = None, dropped: Counter | 
     return records
 
 
-def write_records(records: Iterable[Record], path: str | Path) -> Path:
-    """Write records as JSONL (atomically: a temporary file renamed into place)."""
+def write_jsonl(rows: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
+    """Write dicts as JSONL (atomically: a temporary file renamed into place)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record.to_dict(), ensure_ascii=False) + "\n")
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
     tmp.replace(path)
     return path
+
+
+def write_records(records: Iterable[Record], path: str | Path) -> Path:
+    """Write records as JSONL (atomically)."""
+    return write_jsonl((record.to_dict() for record in records), path)
