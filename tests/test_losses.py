@@ -123,3 +123,17 @@ def test_a_given_count_divides_the_sum_so_chunks_add_up():
                  + losses.retain_loss(a[:, 1:], f[:, 1:], mask[1:], distance, float(count)))
         assert parts.item() == pytest.approx(whole.item(), rel=1e-6)
     assert losses.rerouting_loss(a, f, torch.zeros_like(mask), 0).item() == 0.0  # nothing masked, count 0: 0, not NaN
+
+
+def test_layer_weighted_rerouting_loss_by_hand():
+    # layer 0: cosines 1 and 0 (mean 0.5); layer 1: cosines 1 and 1 (mean 1); one padded token ignored
+    frozen = torch.tensor([[[[1.0, 0.0], [1.0, 0.0], [5.0, 5.0]]], [[[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]]])
+    adapted = torch.tensor([[[[2.0, 0.0], [0.0, 3.0], [1.0, 1.0]]], [[[3.0, 0.0], [0.0, 2.0], [1.0, 1.0]]]])
+    mask = torch.tensor([[1, 1, 0]])
+    weights = torch.tensor([0.25, 0.75])
+    assert losses.rerouting_loss(adapted, frozen, mask, layer_weights=weights).item() == pytest.approx(0.25 * 0.5 + 0.75 * 1.0)
+    uniform = losses.rerouting_loss(adapted, frozen, mask, layer_weights=torch.tensor([0.5, 0.5]))
+    assert uniform.item() == pytest.approx(losses.rerouting_loss(adapted, frozen, mask).item()) == pytest.approx(0.75)
+    # a chunk's share: the count of the whole batch divides, weights still apply
+    assert losses.rerouting_loss(adapted, frozen, mask, count=8.0, layer_weights=weights).item() == pytest.approx(
+        (2 * 0.25 * 1 + 2 * 0.75 * 2) / 8)

@@ -95,10 +95,14 @@ def losses_of(result):
     return [(row["step"], round(row["loss"], 6)) for row in result.log_history if "loss" in row and "train_runtime" not in row]
 
 
-def test_resume_reproduces_uninterrupted_loss_sequence(tiny_dir, tmp_path):
-    m, d, c = config(tiny_dir, tmp_path / "full", *CHOSEN, "--merge", "false")
-    full = losses_of(train(m, d, c, *records()))
-    m, d, c = config(tiny_dir, tmp_path / "part", *CHOSEN, "--merge", "false", "--max_steps", "8")
+@pytest.mark.parametrize("extra", [[], ["--layer_weights", "learned", "--layer_weight_lr", "0.2"],
+                                   ["--lat_epsilon", "0.3", "--lat_steps", "2", "--lat_layer", "1"]],
+                         ids=["plain", "learned_layer_weights", "lat"])
+def test_resume_reproduces_uninterrupted_loss_sequence(tiny_dir, tmp_path, extra):
+    m, d, c = config(tiny_dir, tmp_path / "full", *CHOSEN, *extra, "--merge", "false")
+    uninterrupted = train(m, d, c, *records())
+    full = losses_of(uninterrupted)
+    m, d, c = config(tiny_dir, tmp_path / "part", *CHOSEN, *extra, "--merge", "false", "--max_steps", "8")
     from transformers import TrainerCallback
 
     class StopAt6(TrainerCallback):  # in the middle of the second epoch (4 steps per epoch)
@@ -107,11 +111,19 @@ def test_resume_reproduces_uninterrupted_loss_sequence(tiny_dir, tmp_path):
                 control.should_training_stop = control.should_save = True
 
     train(m, d, c, *records(), callbacks=[StopAt6()])
-    m, d, c = config(tiny_dir, tmp_path / "part", *CHOSEN, "--merge", "false", "--resume_from_checkpoint",
+    m, d, c = config(tiny_dir, tmp_path / "part", *CHOSEN, *extra, "--merge", "false", "--resume_from_checkpoint",
                      str(tmp_path / "part" / "checkpoint-6"))
-    resumed = losses_of(train(m, d, c, *records()))
+    result = train(m, d, c, *records())
+    resumed = losses_of(result)
     assert [s for s, _ in resumed] == list(range(1, 9))  # steps 1-6 come from the checkpoint's state
     assert resumed == full
+    if "learned" in extra:  # the logits left uniform, were checkpointed and came back
+        weights = uninterrupted.summary["layer_weights"]
+        assert set(weights) == {"2", "4"} and sum(weights.values()) == pytest.approx(1.0)
+        assert abs(weights["2"] - 0.5) > 1e-3
+        assert result.summary["layer_weights"] == weights
+        logged = [row for row in uninterrupted.log_history if "layer_weight_2" in row]
+        assert len(logged) == 8 and logged[0]["layer_weight_2"] == 0.5
 
 
 def test_gradient_accumulation_keeps_schedule_and_loss(tiny_dir, tmp_path):

@@ -250,6 +250,31 @@ def _cmd_run(argv: list[str]) -> int:
     return 0
 
 
+def _cmd_sweep(argv: list[str]) -> int:
+    """sweep [recipe.yaml] --grid KEY=V1|V2 [--grid ...] [--any_field value ...]: the main job over a grid, one table"""
+    from .sweep import GRID_HELP, parse_grid, run_sweep
+
+    parser = argparse.ArgumentParser(
+        prog="circuit-breakers sweep", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="circuit-breakers sweep [RECIPE | --config RECIPE] --grid KEY=V1|V2|... [--grid ...] "
+              "[--sweep_id NAME] [--strict] [--any_field value ...]",
+        description="Ablations as one command: the main job (`run`) at every combination of the grid's values, "
+                    "then one table (ASR, over-refusal, benign loss change, rerouting cosine, train time).",
+        epilog=GRID_HELP + "\nAny other --key value is a recipe override applied to every point, as `run` takes it.")
+    parser.add_argument("--config", help="recipe: a YAML file or a shipped name (default: embedded)")
+    parser.add_argument("--grid", action="append", required=True, metavar="KEY=V1|V2|...",
+                        help="a recipe key and its values, separated by |; repeat for more keys")
+    parser.add_argument("--sweep_id", help="folder under runs_dir (default: <run_id>-sweep-<grid keys>)")
+    parser.add_argument("--strict", action="store_true", help="stop at the first failing point")
+    recipe = "embedded"
+    if argv and not argv[0].startswith("-"):
+        recipe, argv = argv[0], argv[1:]
+    args, overrides = parser.parse_known_args(argv)
+    doc = run_sweep(parse_grid(args.grid), args.config or recipe, overrides, args.sweep_id, args.strict)
+    console.print(f"[bold green]sweep folder[/] {doc['folder']}")
+    return 1 if any(p["status"] == "failed" for p in doc["points"]) else 0
+
+
 def _cmd_data(argv: list[str]) -> int:
     """data inspect FILE | data generate --model M --prompts FILE --out OUT: masks and self-generated data"""
     parser = argparse.ArgumentParser(prog="circuit-breakers data")
@@ -494,14 +519,56 @@ def _cmd_agents(argv: list[str]) -> int:
     return 0
 
 
+def _cmd_categories(argv: list[str]) -> int:
+    """categories experiment: one circuit-breaker adapter per harm category, combined and continued (issue 9)"""
+    parser = argparse.ArgumentParser(prog="circuit-breakers categories")
+    sub = parser.add_subparsers(dest="action", required=True)
+    exp = sub.add_parser("experiment", help="train one adapter per category (+ continual, + combined) and report ASR "
+                                            "per category for each; recipe options (--config, --max_steps, ...) apply")
+    exp.add_argument("--benchmark", default="harmbench_standard",
+                     help="NAME[:PATH] of categorised harmful prompts (HarmBench: SemanticCategory), as `eval` takes")
+    exp.add_argument("--data_dir", help="data folder laid out like ../shared/data")
+    exp.add_argument("--categories", required=True, help="comma list; the first two also make the continual run")
+    exp.add_argument("--retain_data", required=True, help="records JSONL of benign answers (e.g. runs/<id>/data/retain.jsonl)")
+    exp.add_argument("--out", required=True, help="experiment folder (resumable)")
+    exp.add_argument("--n_eval", type=int, default=40, help="held-out prompts, shared out by category size")
+    exp.add_argument("--retain_others", choices=["true", "false"], default="true",
+                     help="retain the other categories' completions, so each adapter stays specific")
+    exp.add_argument("--no_continual", action="store_true")
+    exp.add_argument("--attacks", default="direct")
+    args, rest = parser.parse_known_args(argv)
+    from pathlib import Path
+
+    from .categories import category_experiment
+    from .config import parse_config
+    from .data.records import read_records
+    from .evaluation.benchmarks import load_benchmark
+    from .evaluation.suite import split_spec
+
+    model_cfg, data_cfg, cb_cfg = parse_config(rest if "--config" in rest else ["--config", "embedded", *rest])
+    name, path = split_spec(args.benchmark)
+    prompts = load_benchmark(name, path, data_dir=args.data_dir)
+    record = category_experiment(
+        prompts, read_records(args.retain_data, "retain"), args.out, model_cfg, data_cfg, cb_cfg,
+        [c.strip() for c in args.categories.split(",") if c.strip()], args.n_eval, args.retain_others == "true",
+        not args.no_continual, [a for a in args.attacks.split(",") if a],
+    )
+    for attack in record.get("asr", {}):
+        console.print((Path(args.out) / f"categories-{attack}.md").read_text(encoding="utf-8"), markup=False)
+    console.print_json(json.dumps({k: record.get(k) for k in ("specificity", "continual")}, default=str))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "run": _cmd_run,
+    "sweep": _cmd_sweep,
     "train": _cmd_train,
     "merge": _cmd_merge,
     "data": _cmd_data,
     "eval": _cmd_eval,
     "env": _cmd_env,
     "agents": _cmd_agents,
+    "categories": _cmd_categories,
     "probe": _cmd_probe,
     "serve": _cmd_serve,
 }

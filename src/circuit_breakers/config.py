@@ -129,6 +129,19 @@ class CircuitBreakerConfig(TrainingArguments):
         metadata={"help": "Run a step's rows through the adapted pass and backward in chunks of at most this many padded "
                           "tokens (rows sorted by length): less activation memory and padding, same gradient; 0: whole batch."},
     )
+    layer_weights: Literal["uniform", "learned"] = field(
+        default="uniform",
+        metadata={"help": "How the rerouting loss weighs target_layers (the candidate layers): uniform (paper) or learned "
+                          "(softmax weights trained with the adapters; summary.json and the report show them)."},
+    )
+    layer_weight_lr: float = field(default=0.05, metadata={"help": "Learning rate of the layer-weight logits (layer_weights=learned)."})
+    lat_epsilon: float = field(
+        default=0.0,
+        metadata={"help": "Latent adversarial hardening (RR + LAT): radius of the per-token L2 perturbation of hidden state "
+                          "lat_layer on circuit-breaker rows, relative to the token's own norm; 0: off."},
+    )
+    lat_layer: int = field(default=0, metadata={"help": "hidden_states index the adversary perturbs (0: the input embeddings)."})
+    lat_steps: int = field(default=4, metadata={"help": "PGD steps of the adversary per training step."})
     stall_check_steps: int = field(default=20, metadata={"help": "Warn if rerouting has not started after this many steps (0: off)."})
     stall_margin: float = field(default=0.05, metadata={"help": "Fall in rerouting cosine that counts as started."})
     truncate_layers: bool = field(default=True, metadata={"help": "Train without the blocks above the deepest target layer."})
@@ -142,10 +155,13 @@ class CircuitBreakerConfig(TrainingArguments):
         super().__post_init__()
         if self.alpha < 0:
             raise ConfigError("alpha must be non-negative")
+        if self.lat_epsilon < 0 or self.lat_steps < 1 or self.lat_layer < 0:
+            raise ConfigError("lat_epsilon must be >= 0, lat_steps >= 1 and lat_layer >= 0")
         if self.max_chunk_tokens < 0:
             raise ConfigError("max_chunk_tokens must be 0 (no chunks) or positive")
         for name, allowed in (("schedule", ("dual", "cosine", "single")), ("representation", ("raw", "centered", "no_outliers")),
-                              ("retain_distance", ("l2", "relative", "relative_squared"))):
+                              ("retain_distance", ("l2", "relative", "relative_squared")),
+                              ("layer_weights", ("uniform", "learned"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
 
@@ -214,7 +230,7 @@ def valid_keys() -> list[str]:
     return sorted({f.name for cls in CONFIG_CLASSES for f in fields(cls) if f.init})
 
 
-def _unknown_key_error(keys: list[str], where: str) -> ConfigError:
+def unknown_key_error(keys: list[str], where: str) -> ConfigError:
     valid = valid_keys()
     hints = [f"{k} (did you mean {', '.join(m)}?)" if (m := difflib.get_close_matches(k, valid, n=2)) else k for k in keys]
     return ConfigError(f"unknown {where} key(s): {'; '.join(hints)}. Valid keys: {', '.join(valid)}")
@@ -275,7 +291,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: a recipe is a mapping of keys to values")
     unknown = [k for k in data if k not in valid_keys()]
     if unknown:
-        raise _unknown_key_error(unknown, f"recipe ({path})")
+        raise unknown_key_error(unknown, f"recipe ({path})")
     key_types = _key_types()
     for key, value in data.items():
         expected = _type_mismatch(value, key_types[key])
@@ -312,7 +328,7 @@ def parse_run_config(
     flags = [a.split("=", 1)[0][2:] for a in args if a.startswith("--")]
     unknown = [k for k in flags if k not in valid_keys()]
     if unknown:
-        raise _unknown_key_error(unknown, "command-line")
+        raise unknown_key_error(unknown, "command-line")
     try:
         model_cfg, data_cfg, cb_cfg, run_cfg = parser.parse_args_into_dataclasses(args=args)
     except SystemExit as err:  # argparse prints its own message first

@@ -33,13 +33,19 @@ def _masked_mean(values: Tensor, mask: Tensor, count: Count = None) -> Tensor:
     return total / (count.clamp_min(1.0) if isinstance(count, Tensor) else max(float(count), 1.0))
 
 
-def rerouting_loss(adapted: Tensor, frozen: Tensor, mask: Tensor, count: Count = None) -> Tensor:
+def rerouting_loss(
+    adapted: Tensor, frozen: Tensor, mask: Tensor, count: Count = None, layer_weights: Tensor | None = None
+) -> Tensor:
     """L_cb = mean over masked tokens and layers of ReLU(cos(adapted, frozen)) (paper, eq. 1).
 
-    Zero once the adapted representation is orthogonal to (or opposite) the frozen one.
+    Zero once the adapted representation is orthogonal to (or opposite) the frozen one. With
+    `layer_weights` [L] (summing to 1, e.g. a softmax), L_cb = sum_l w_l * (token mean at layer l);
+    uniform weights 1/L give the plain mean.
     """
-    cos = F.cosine_similarity(adapted.float(), frozen.float(), dim=-1)
-    return _masked_mean(cos.relu(), mask, count)
+    cos = F.cosine_similarity(adapted.float(), frozen.float(), dim=-1).relu()
+    if layer_weights is not None:
+        cos = cos * (layer_weights.float() * len(layer_weights))[:, None, None]
+    return _masked_mean(cos, mask, count)
 
 
 def retain_loss(

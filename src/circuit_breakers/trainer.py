@@ -25,10 +25,13 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint
 
 from . import losses
-from .config import CircuitBreakerConfig
-from .representations import hidden_states, stacked
+from .config import CircuitBreakerConfig, ConfigError
+from .representations import hidden_states, perturbed, stacked
 
 logger = logging.getLogger("circuit_breakers")
+
+LAYER_WEIGHTS_FILE = "layer_weights.safetensors"
+"""The learned layer-weight logits, saved in each checkpoint beside the adapter (layer_weights=learned)."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -85,7 +88,16 @@ class CircuitBreakerTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.target_layers = list(target_layers)
         self.retain_layers = list(retain_layers)
-        self.capture_layers = sorted(set(self.target_layers) | set(self.retain_layers))
+        lat = [self.args.lat_layer] if self.args.lat_epsilon > 0 else []
+        self.capture_layers = sorted(set(self.target_layers) | set(self.retain_layers) | set(lat))
+        if lat and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            raise ConfigError("lat_epsilon > 0 (RR + LAT) runs its adversary on the unwrapped model: use one device or "
+                              "DDP, not FSDP or DeepSpeed")
+        if lat and not 0 <= self.args.lat_layer < max(self.target_layers):
+            raise ConfigError(f"lat_layer {self.args.lat_layer} must lie below the deepest target layer {max(self.target_layers)}")
+        self.layer_logits: nn.Parameter | None = None
+        if self.args.layer_weights == "learned":  # softmax weights over target_layers, trained with the adapters
+            self.layer_logits = nn.Parameter(torch.zeros(len(self.target_layers), device=self.args.device))
         self.outlier_dims: list[int] | None = None
         self.loss_is_scaled_for_ga = False  # our loss is a per-batch mean: let Trainer divide by GA steps
         self._metrics: dict[str, list[float]] = defaultdict(list)
@@ -94,7 +106,7 @@ class CircuitBreakerTrainer(Trainer):
         self._staging_dir: str | None = None
         self._stop_signal: int | None = None  # set by the handler; acted on at the next step end
         self.stopped_by: int | None = None
-        self.add_callback(_StopOnSignal(self))
+        self.add_callback(_StepEnd(self))
 
     # --- distribution ---------------------------------------------------------------------------
     def _through(self, model: nn.Module) -> nn.Module | None:
@@ -123,6 +135,43 @@ class CircuitBreakerTrainer(Trainer):
         if self.is_deepspeed_enabled:
             info["zero_stage"] = state.deepspeed_plugin.zero_stage
         return info
+
+    # --- learned layer weights -----------------------------------------------------------------
+    def layer_weights(self) -> Tensor | None:
+        """Softmax weights over target_layers for the rerouting loss (None: uniform, the plain mean)."""
+        return None if self.layer_logits is None else torch.softmax(self.layer_logits, dim=0)
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """Trainer's optimizer, plus the layer-weight logits as their own group (own lr, no decay)."""
+        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        logits = self.layer_logits
+        if logits is not None and not any(p is logits for group in optimizer.param_groups for p in group["params"]):
+            optimizer.add_param_group({"params": [logits], "lr": self.args.layer_weight_lr, "weight_decay": 0.0})
+        return optimizer
+
+    def _sync_layer_grad(self) -> None:
+        """DDP averages the adapters' gradients, not those of parameters outside the model: do it here.
+        (Averaging after every micro-batch is exact: the mean is linear and the past part is equal on all ranks.)"""
+        logits = self.layer_logits
+        if logits is not None and logits.grad is not None and self.accelerator.num_processes > 1:
+            logits.grad.copy_(self.accelerator.reduce(logits.grad.detach().clone(), reduction="mean"))
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        if self.layer_logits is not None:
+            from safetensors.torch import save_file
+
+            save_file({"logits": self.layer_logits.detach().cpu().contiguous()},
+                      os.path.join(output_dir or str(self.args.output_dir), LAYER_WEIGHTS_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = Path(resume_from_checkpoint, LAYER_WEIGHTS_FILE)
+        if self.layer_logits is not None and path.is_file():
+            from safetensors.torch import load_file
+
+            with torch.no_grad():
+                self.layer_logits.copy_(load_file(str(path))["logits"].to(self.layer_logits.device))
 
     # --- sampling -------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
@@ -166,7 +215,9 @@ class CircuitBreakerTrainer(Trainer):
         self.loss_is_scaled_for_ga = counts is not None
         groups = chunk_rows(inputs["attention_mask"], self.args.max_chunk_tokens) if self._chunking(model) else []
         if len(groups) < 2:
-            return super().training_step(model, inputs, num_items_in_batch)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            self._sync_layer_grad()
+            return loss
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
@@ -176,6 +227,7 @@ class CircuitBreakerTrainer(Trainer):
             scale = 1.0 / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         with self.compute_loss_context_manager():
             loss = self._step(model, inputs, counts, groups, lambda chunk_loss: self.accelerator.backward(chunk_loss * scale))
+        self._sync_layer_grad()
         return loss.detach() * scale
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Tensor | None:
@@ -246,12 +298,14 @@ class CircuitBreakerTrainer(Trainer):
             step, args.max_steps, args.alpha, args.schedule, args.decay_multiplier, args.retain_weight,
             args.reroute_warmup_steps,
         )
+        weights = self.layer_weights()
         stats: dict[str, Tensor] = defaultdict(lambda: torch.zeros(()))
         total = torch.zeros((), device=attention_mask.device)
         for i, ((ids, attn, m_cb, m_retain), frozen_i) in enumerate(zip(chunks, frozen)):
             last = i == len(chunks) - 1
             sync = nullcontext() if last or not distributed or backward is None else self.accelerator.no_sync(model)
-            with sync:
+            delta = self._adversary(model, ids, attn, m_cb, frozen_i, center) if args.lat_epsilon > 0 else None
+            with sync, perturbed(model, args.lat_layer, delta):
                 adapted = hidden_states(model, ids, attn, self.capture_layers, self._through(model))
                 frozen_cb, adapted_cb = stacked(frozen_i, self.target_layers), stacked(adapted, self.target_layers)
                 if center is not None:
@@ -260,7 +314,7 @@ class CircuitBreakerTrainer(Trainer):
                     cos_adapted, cos_frozen = losses.for_cosine(
                         adapted_cb, frozen_cb, m_cb, args.representation, self.outlier_dims or ()
                     )
-                loss_cb = losses.rerouting_loss(cos_adapted, cos_frozen, m_cb, count_cb) * scale_cb
+                loss_cb = losses.rerouting_loss(cos_adapted, cos_frozen, m_cb, count_cb, weights) * scale_cb
                 frozen_r, adapted_r = stacked(frozen_i, self.retain_layers), stacked(adapted, self.retain_layers)
                 loss_retain = losses.retain_loss(adapted_r, frozen_r, m_retain, args.retain_distance, count_retain)
                 loss_retain = loss_retain * scale_retain
@@ -281,12 +335,56 @@ class CircuitBreakerTrainer(Trainer):
                 "or alpha, or use float32."
             )
         stats["chunks"] = torch.tensor(float(len(chunks)))
+        if weights is not None:
+            for layer, w in zip(self.target_layers, weights.detach()):
+                stats[f"layer_weight_{layer}"] = w.float()
         # the logged component losses are this batch's own means, whatever the normalisation above
         for key, count, scale, local in (("loss_rerouting", count_cb, scale_cb, local_cb),
                                          ("loss_retain", count_retain, scale_retain, local_retain)):
             stats[key] = stats[key] * (count / scale / local.clamp_min(1.0)).to(stats[key].device)
         self._record(stats, c_cb, c_retain)
         return total
+
+    def _adversary(self, model: nn.Module, ids: Tensor, attn: Tensor, m_cb: Tensor, frozen: dict[int, Tensor],
+                   center: Tensor | None) -> Tensor | None:
+        """RR + LAT: a perturbation of hidden state `lat_layer` on the circuit-breaker rows that undoes the
+        circuit breaker as far as it can: `lat_steps` of projected gradient ascent on the mean rerouting
+        cosine (adapted vs frozen, the representation the loss sees; no ReLU, so it still has a gradient
+        once rerouted), each token's shift kept within an L2 ball of lat_epsilon x that token's own norm;
+        the shift with the highest cosine among those evaluated (the first being none) is kept.
+        The step's rerouting loss is then computed on the perturbed rows, so rerouting must hold under it.
+        Runs on the unwrapped model (replicated under DDP) and touches no parameter's gradient."""
+        args = self.args
+        rows = (m_cb > 0).any(dim=1).nonzero().flatten()
+        if len(rows) == 0:
+            return None
+        net = self.accelerator.unwrap_model(model)
+        ids, attn, m_cb = ids[rows], attn[rows], m_cb[rows]  # only circuit-breaker rows: retain rows stay clean
+        clean = frozen[args.lat_layer][rows]
+        radius = args.lat_epsilon * clean.float().norm(dim=-1, keepdim=True) * (attn > 0)[..., None]
+        step = 2.5 * radius / args.lat_steps  # PGD's usual step: the ball's edge is reachable in under half the steps
+        delta = torch.zeros_like(clean, dtype=torch.float32, requires_grad=True)
+        best, best_value = torch.zeros_like(delta), float("-inf")
+        frozen_cb = stacked(frozen, self.target_layers)[:, rows]
+        for _ in range(args.lat_steps):
+            with perturbed(net, args.lat_layer, delta.to(clean.dtype)):
+                adapted_cb = stacked(hidden_states(net, ids, attn, self.target_layers), self.target_layers)
+            if center is not None:
+                a, f = adapted_cb - center, frozen_cb - center
+            else:
+                a, f = losses.for_cosine(adapted_cb, frozen_cb, m_cb, args.representation, self.outlier_dims or ())
+            objective = losses.masked_cosine(a, f, m_cb)
+            (grad,) = torch.autograd.grad(objective, [delta])
+            value = float(objective.detach())
+            if value > best_value:  # before rerouting, no shift at all is the adversary's best
+                best, best_value = delta.detach().clone(), value
+            with torch.no_grad():
+                delta += step * grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                norm = delta.norm(dim=-1, keepdim=True)
+                delta *= torch.where(norm > radius, radius / norm.clamp_min(1e-12), torch.ones_like(norm))
+        full = torch.zeros_like(frozen[args.lat_layer])
+        full[rows] = best.to(full.dtype)
+        return full
 
     def _center(self, frozen: list[dict[int, Tensor]], chunks: list[tuple[Tensor, ...]]) -> Tensor:
         """[L, 1, 1, H]: the frozen mean over the batch's masked circuit-breaker tokens (all devices)."""
@@ -334,6 +432,7 @@ class CircuitBreakerTrainer(Trainer):
             "norm_rerouting_frozen": mean("norm_frozen"),
         }
         metrics["chunks"] = values["chunks"]  # row chunks the step ran in (max_chunk_tokens)
+        metrics.update({k: v for k, v in values.items() if k.startswith("layer_weight_")})
         if self.args.representation != "raw":  # the cosine the loss sees, beside the raw one (issue 10)
             metrics["cos_rerouting_seen"] = values["cos_seen"] / max(n_cb, 1.0)
         for key, value in metrics.items():
@@ -517,6 +616,8 @@ class CircuitBreakerTrainer(Trainer):
             "cos_retain_end": end[2],
             "rerouted": bool(start[1] - end[1] >= self.args.stall_margin),
             "stall_warning": self.stall_warned,
+            **({"layer_weights": {str(layer): round(float(w), 6) for layer, w in zip(self.target_layers, self.layer_weights())}}
+               if self.layer_logits is not None else {}),
         }
 
 
@@ -602,13 +703,16 @@ def _accumulate(stats: dict[str, Tensor], loss_cb: Tensor, loss_retain: Tensor, 
         stats[key] = stats[key].to(value.device) + value.detach()
 
 
-class _StopOnSignal(TrainerCallback):
-    """At the end of each optimizer step: if a stop signal arrived, checkpoint this step and stop."""
+class _StepEnd(TrainerCallback):
+    """At the end of each optimizer step: clear the layer-weight gradient (Trainer zeroes only the model's);
+    if a stop signal arrived, checkpoint this step and stop."""
 
     def __init__(self, trainer: CircuitBreakerTrainer) -> None:
         self.trainer = trainer
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if self.trainer.layer_logits is not None:
+            self.trainer.layer_logits.grad = None
         signum = self.trainer._agreed_stop_signal()
         if signum is not None:
             self.trainer.stopped_by = signum

@@ -91,7 +91,7 @@ def load_training_log(run_dir: str | Path | None) -> tuple[list[dict[str, Any]],
     return [], None
 
 
-def _training_summary(run_dir: str | Path | None) -> dict[str, Any] | None:
+def training_summary(run_dir: str | Path | None) -> dict[str, Any] | None:
     if run_dir is None:
         return None
     for folder in (Path(run_dir), Path(run_dir) / "train"):
@@ -111,7 +111,7 @@ def build_results(result: EvalResult, config: Mapping[str, Any], run_dir: str | 
     log_rows, log_source = load_training_log(run_dir)
     training = None
     if run_dir is not None:
-        training = {"run_dir": str(run_dir), "summary": _training_summary(run_dir), "log": log_source,
+        training = {"run_dir": str(run_dir), "summary": training_summary(run_dir), "log": log_source,
                     "logged_steps": len(log_rows)}
     doc = {
         "schema": SCHEMA,
@@ -177,11 +177,11 @@ def _pct(entry: Mapping[str, Any] | None) -> str:
 def _diff(entry: Mapping[str, Any] | None) -> str:
     if not entry or entry.get("difference") is None:
         return "-"
-    return (f"{_signed(100 * entry['difference'], 1)} pts [{_signed(100 * entry['low'])}, "
-            f"{_signed(100 * entry['high'])}] p={entry['p_value']:.2g}")
+    return (f"{signed(100 * entry['difference'], 1)} pts [{signed(100 * entry['low'])}, "
+            f"{signed(100 * entry['high'])}] p={entry['p_value']:.2g}")
 
 
-def _signed(x: float, digits: int = 0) -> str:
+def signed(x: float, digits: int = 0) -> str:
     """`x` with its sign, never "-0" (rounding first, then adding 0.0, turns -0.0 into 0.0)."""
     return f"{round(x, digits) + 0.0:+.{digits}f}"
 

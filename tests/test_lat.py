@@ -1,0 +1,85 @@
+"""RR + LAT (issue 9): a latent adversary perturbs hidden states of circuit-breaker rows during training."""
+
+import pytest
+import torch
+
+from circuit_breakers.config import CircuitBreakerConfig, ConfigError
+from circuit_breakers.representations import hidden_states, perturbed, stacked
+from helpers import make_model
+from test_chunked_step import batch, trainer_for
+
+
+def rerouted(model):
+    """Scale lora_B up: an adapter that has moved the representations, so the adversary has something to undo
+    (on a fresh adapter adapted == frozen already and no shift is the adversary's best)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(100)
+    return model
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_perturbed_shifts_exactly_one_hidden_state(layer):
+    model = make_model("llama", layers=4, seed=1).eval()
+    ids = torch.randint(3, 300, (2, 7))
+    attn = torch.ones_like(ids)
+    clean = hidden_states(model, ids, attn, [0, 1, 2, 3])
+    delta = torch.randn(2, 7, clean[0].shape[-1])
+    with torch.no_grad(), perturbed(model, layer, delta):
+        shifted = hidden_states(model, ids, attn, [0, 1, 2, 3])
+    torch.testing.assert_close(shifted[layer], clean[layer] + delta)
+    for i in range(layer):
+        torch.testing.assert_close(shifted[i], clean[i])
+    assert not torch.allclose(shifted[3], clean[3], atol=1e-3)  # the shift travels up the stack
+    if layer == 0:  # the same as feeding shifted input embeddings
+        embeds = model.get_input_embeddings()(ids) + delta
+        with torch.no_grad():
+            want = model(inputs_embeds=embeds, attention_mask=attn, output_hidden_states=True).hidden_states[3]
+        torch.testing.assert_close(shifted[3], want, rtol=1e-4, atol=1e-5)
+    after = hidden_states(model, ids, attn, [3])  # the hook is gone
+    torch.testing.assert_close(after[3], clean[3])
+
+
+def test_adversary_stays_in_its_ball_on_circuit_breaker_rows_and_raises_the_cosine(tmp_path):
+    trainer, model = trainer_for(tmp_path, 0, lat_epsilon=0.5, lat_steps=3, lat_layer=1)
+    rerouted(model)
+    inputs = batch()
+    ids, attn, m_cb = inputs["input_ids"], inputs["attention_mask"], inputs["cb_mask"] * inputs["attention_mask"]
+    frozen = trainer._frozen_states(model, ids, attn)
+    delta = trainer._adversary(model, ids, attn, m_cb, frozen, None)
+    assert all(p.grad is None for p in model.parameters())  # the adversary trains nothing
+    norms, clean_norms = delta.norm(dim=-1), frozen[1].norm(dim=-1)
+    assert (norms <= 0.5 * clean_norms + 1e-4).all()
+    assert norms[3:].abs().max() == 0  # retain rows untouched
+    assert (norms[:3] * (1 - attn[:3])).abs().max() == 0  # padding untouched
+    ratio = norms[:3][attn[:3] > 0] / clean_norms[:3][attn[:3] > 0]
+    assert ratio.median() > 0.3  # it moved far into its ball
+
+    def cosine(d):
+        with torch.no_grad(), perturbed(model, 1, d):
+            adapted = stacked(hidden_states(model, ids, attn, [2, 4]), [2, 4])
+        f = stacked(frozen, [2, 4])
+        cos = torch.nn.functional.cosine_similarity(adapted, f, dim=-1)
+        return float((cos * m_cb).sum() / (m_cb.sum() * 2))
+
+    assert cosine(delta) > cosine(None) + 1e-3
+
+
+def test_lat_step_trains_on_the_perturbed_rows_and_keeps_retain_clean(tmp_path):
+    inputs = batch()
+    plain, model_p = trainer_for(tmp_path / "p", 0)
+    plain.training_step(rerouted(model_p), dict(inputs))
+    hardened, model_h = trainer_for(tmp_path / "h", 0, lat_epsilon=0.5, lat_steps=2, lat_layer=1)
+    hardened.training_step(rerouted(model_h), dict(inputs))
+    p, h = plain._metrics, hardened._metrics
+    assert h["loss_rerouting"][-1] > p["loss_rerouting"][-1] + 1e-4  # the adversary pulled the cosine back up
+    assert h["loss_retain"][-1] == pytest.approx(p["loss_retain"][-1], rel=1e-6)
+    assert any(q.grad is not None and q.grad.abs().sum() > 0 for q in model_h.parameters())
+
+
+def test_lat_settings_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="lat_epsilon"):
+        CircuitBreakerConfig(output_dir=str(tmp_path), lat_epsilon=-1, use_cpu=True, report_to="none")
+    with pytest.raises(ConfigError, match="below the deepest target layer"):
+        trainer_for(tmp_path, 0, lat_epsilon=0.5, lat_layer=4)
