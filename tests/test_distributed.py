@@ -52,17 +52,25 @@ def step_losses(rows):
 
 # FSDP2 and DeepSpeed need GPUs: accelerate 1.15 turns FSDP on only for GPU-like devices (a CPU launch
 # with the fsdp2 config runs as MULTI_CPU, which `summary["distributed"]` would show), so only DDP runs here.
-@pytest.mark.parametrize("engine,chunk_tokens", [("ddp", "0"), ("ddp", "48")])
-def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path, monkeypatch, engine, chunk_tokens):
-    """chunk_tokens 48: each process runs its rows in chunks, gradient sync deferred to the last one."""
+LEARNED_AND_LAT = ["--layer_weights", "learned", "--layer_weight_lr", "0.2", "--lat_epsilon", "0.5", "--lat_steps", "2",
+                   "--lat_layer", "1"]
+
+
+@pytest.mark.parametrize("engine,chunk_tokens,extra", [("ddp", "0", []), ("ddp", "48", []), ("ddp", "0", LEARNED_AND_LAT)],
+                         ids=["ddp", "ddp-chunked", "ddp-learned-weights-lat"])
+def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path, monkeypatch, engine, chunk_tokens,
+                                                                        extra):
+    """chunk_tokens 48: each process runs its rows in chunks, gradient sync deferred to the last one. extra:
+    the layer-weight logits live outside the DDP model (their gradient is averaged by hand) and the RR + LAT
+    adversary runs on each process's own rows."""
     model = save_tiny(tmp_path / "model")
     cb, retain = data_files(tmp_path)
-    single = train(*parse_config(args(model, cb, retain, tmp_path / "one", batch=4)))
+    single = train(*parse_config([*args(model, cb, retain, tmp_path / "one", batch=4), *extra]))
 
     # Each child process gets one thread: two of them on two cores, no oversubscription.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     code = main(["train", "--accelerate-config", engine, "--num-processes", "2",
-                 *args(model, cb, retain, tmp_path / "two", batch=2), "--max_chunk_tokens", chunk_tokens])
+                 *args(model, cb, retain, tmp_path / "two", batch=2), "--max_chunk_tokens", chunk_tokens, *extra])
     assert code == 0
     rows = [json.loads(line) for line in (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()]
     one, two = step_losses(single.log_history), step_losses(rows)
@@ -89,6 +97,11 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path
     assert summary["distributed"]["processes"] == 2
     assert summary["distributed"]["type"] == "MULTI_CPU"
     assert not [p for p in (tmp_path / "two").iterdir() if p.name.startswith(".tmp-")]
+    if extra:
+        weights = summary["layer_weights"]
+        assert abs(weights["2"] - 0.5) > 1e-3  # they moved, and identically to one process
+        for layer, value in single.summary["layer_weights"].items():
+            assert weights[layer] == pytest.approx(value, abs=1e-4)
 
 
 @pytest.mark.parametrize("name", SHIPPED)

@@ -195,3 +195,16 @@ def test_cli_agreement_on_toy_labels(tmp_path, capsys):
     assert "agreement: 100.0%" in printed and "n=2" in printed
     assert json.loads((tmp_path / "a.json").read_text())["accuracy"] == 1.0
     assert main(["eval", "agreement", "--xstest", str(tmp_path / "missing")]) == 2
+
+
+def test_report_shows_learned_layer_weights(tmp_path):
+    train = tmp_path / "train"
+    train.mkdir()
+    rows = [{"loss": 2.0, "cos_rerouting": 0.9, "cos_retain": 1.0, "step": 1, "layer_weight_10": 0.5, "layer_weight_20": 0.5}]
+    (train / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (train / "summary.json").write_text(json.dumps({"steps": 1, "layer_weights": {"10": 0.2718, "20": 0.7282}}))
+    doc = write_results(hand_result(), tmp_path / "out", {}, run_dir=train)
+    assert doc["training"]["summary"]["layer_weights"] == {"10": 0.2718, "20": 0.7282}
+    page = (tmp_path / "out" / "report.html").read_text()
+    section = page[page.index("Learned layer weights"):]
+    assert re.search(r"<th>10</th>\s*<th>20</th>", section) and "0.272" in section and "0.728" in section

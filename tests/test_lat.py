@@ -83,3 +83,18 @@ def test_lat_settings_are_checked(tmp_path):
         CircuitBreakerConfig(output_dir=str(tmp_path), lat_epsilon=-1, use_cpu=True, report_to="none")
     with pytest.raises(ConfigError, match="below the deepest target layer"):
         trainer_for(tmp_path, 0, lat_epsilon=0.5, lat_layer=4)
+
+
+def test_adversary_rows_are_independent_of_the_batch_they_come_in(tmp_path):
+    """Per-token normalised steps and a per-row choice: chunks and devices find the same shifts."""
+    trainer, model = trainer_for(tmp_path, 0, lat_epsilon=0.5, lat_steps=3, lat_layer=1)
+    rerouted(model)
+    inputs = batch()
+    ids, attn, m_cb = inputs["input_ids"], inputs["attention_mask"], inputs["cb_mask"] * inputs["attention_mask"]
+    whole = trainer._adversary(model, ids, attn, m_cb, trainer._frozen_states(model, ids, attn), None)
+    for row in range(3):
+        one = slice(row, row + 1)
+        alone = trainer._adversary(model, ids[one], attn[one], m_cb[one],
+                                   trainer._frozen_states(model, ids[one], attn[one]), None)
+        torch.testing.assert_close(alone[0], whole[row], rtol=1e-3, atol=1e-4)
+        assert alone.abs().sum() > 0

@@ -351,7 +351,9 @@ class CircuitBreakerTrainer(Trainer):
         circuit breaker as far as it can: `lat_steps` of projected gradient ascent on the mean rerouting
         cosine (adapted vs frozen, the representation the loss sees; no ReLU, so it still has a gradient
         once rerouted), each token's shift kept within an L2 ball of lat_epsilon x that token's own norm;
-        the shift with the highest cosine among those evaluated (the first being none) is kept.
+        each row keeps the shift with its highest cosine among those evaluated (the first being none).
+        Rows are independent (per-token normalised steps, per-row choice), so chunks and devices give the
+        same shifts as one whole batch.
         The step's rerouting loss is then computed on the perturbed rows, so rerouting must hold under it.
         Runs on the unwrapped model (replicated under DDP) and touches no parameter's gradient."""
         args = self.args
@@ -364,8 +366,9 @@ class CircuitBreakerTrainer(Trainer):
         radius = args.lat_epsilon * clean.float().norm(dim=-1, keepdim=True) * (attn > 0)[..., None]
         step = 2.5 * radius / args.lat_steps  # PGD's usual step: the ball's edge is reachable in under half the steps
         delta = torch.zeros_like(clean, dtype=torch.float32, requires_grad=True)
-        best, best_value = torch.zeros_like(delta), float("-inf")
+        best, best_value = torch.zeros_like(delta), torch.full((len(rows),), float("-inf"), device=delta.device)
         frozen_cb = stacked(frozen, self.target_layers)[:, rows]
+        weights = m_cb.float()[None]  # [1, b, T]
         for _ in range(args.lat_steps):
             with perturbed(net, args.lat_layer, delta.to(clean.dtype)):
                 adapted_cb = stacked(hidden_states(net, ids, attn, self.target_layers), self.target_layers)
@@ -373,12 +376,13 @@ class CircuitBreakerTrainer(Trainer):
                 a, f = adapted_cb - center, frozen_cb - center
             else:
                 a, f = losses.for_cosine(adapted_cb, frozen_cb, m_cb, args.representation, self.outlier_dims or ())
-            objective = losses.masked_cosine(a, f, m_cb)
-            (grad,) = torch.autograd.grad(objective, [delta])
-            value = float(objective.detach())
-            if value > best_value:  # before rerouting, no shift at all is the adversary's best
-                best, best_value = delta.detach().clone(), value
-            with torch.no_grad():
+            cos = torch.nn.functional.cosine_similarity(a.float(), f.float(), dim=-1)  # [L, b, T]
+            per_row = (cos * weights).sum(dim=(0, 2)) / (weights.sum(dim=(0, 2)) * cos.shape[0]).clamp_min(1.0)
+            (grad,) = torch.autograd.grad(per_row.sum(), [delta])
+            with torch.no_grad():  # each row keeps its own best (before rerouting: no shift at all)
+                better = per_row.detach() > best_value
+                best[better] = delta.detach()[better]
+                best_value = torch.maximum(best_value, per_row.detach())
                 delta += step * grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
                 norm = delta.norm(dim=-1, keepdim=True)
                 delta *= torch.where(norm > radius, radius / norm.clamp_min(1e-12), torch.ones_like(norm))

@@ -439,6 +439,9 @@ def render_html(doc: Mapping[str, Any], samples: Sequence[Sample] = (), training
             keep = {k: summary[k] for k in ("steps", "target_layers", "cos_rerouting_start", "cos_rerouting_end",
                                             "cos_retain_end", "rerouted") if k in summary}
             parts.append(_table(list(keep), [[json.dumps(v) for v in keep.values()]]))
+            weights = summary.get("layer_weights")
+            if weights:  # layer_weights=learned: how the rerouting loss came to weigh each target layer
+                parts += ["<h3>Learned layer weights</h3>", _table(["layer", *weights], [["weight", *(f"{w:.3f}" for w in weights.values())]])]
     if doc.get("errors"):
         parts += ["<h2>Errors</h2>", _table(["model", "cell", "error"],
                                             [[e.get("model"), e.get("cell"), e.get("error")] for e in doc["errors"]])]
