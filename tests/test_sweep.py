@@ -217,3 +217,26 @@ def test_data_stage_key_is_the_one_the_pipeline_records(toy_sweep):
     configs = parse_run_config(overrides, recipe=root / "max_steps=1" / "recipe.yaml")
     recorded = json.loads((root / "max_steps=1" / "stages.json").read_text())["data"]["key"]
     assert Run.digest(data_stage_key(configs)) == recorded
+
+
+def test_data_from_takes_an_existing_runs_data_when_its_settings_match(toy_sweep, monkeypatch):
+    root, args, _ = toy_sweep
+    import circuit_breakers.pipeline as pipeline
+
+    def fail(*_a, **_k):
+        raise AssertionError("the data was built again")
+
+    monkeypatch.setattr(pipeline, "build_data", fail)
+    new = [a if a != "toy" else "toy-from" for a in args]
+    new[new.index("max_steps=1|2")] = "max_steps=3"
+    assert main([*new, "--data_from", str(root / "max_steps=1")]) == 0
+    point = root.parent / "toy-from" / "max_steps=3"
+    ledger = json.loads((point / "stages.json").read_text())
+    assert ledger["data"]["copied_from"] == "max_steps=1" and ledger["train"]["done"]
+    assert json.loads((point / "train" / "summary.json").read_text())["steps"] == 3
+    # other data settings: the folder is not used (the recorded key differs), the data is built
+    monkeypatch.undo()
+    other = [*new, "--data_from", str(root / "max_steps=1"), "--completion_tokens", "5"]
+    other[other.index("toy-from")] = "toy-other"
+    assert main(other) == 0
+    assert "copied_from" not in json.loads((root.parent / "toy-other" / "max_steps=3" / "stages.json").read_text())["data"]

@@ -266,11 +266,14 @@ def _cmd_sweep(argv: list[str]) -> int:
                         help="a recipe key and its values, separated by |; repeat for more keys")
     parser.add_argument("--sweep_id", help="folder under runs_dir (default: <run_id>-sweep-<grid keys>)")
     parser.add_argument("--strict", action="store_true", help="stop at the first failing point")
+    parser.add_argument("--data_from", metavar="RUN_DIR",
+                        help="take the data stage (and base-model cells) from this finished main-job folder when its "
+                             "data settings match a point's (checked), e.g. runs/embedded")
     recipe = "embedded"
     if argv and not argv[0].startswith("-"):
         recipe, argv = argv[0], argv[1:]
     args, overrides = parser.parse_known_args(argv)
-    doc = run_sweep(parse_grid(args.grid), args.config or recipe, overrides, args.sweep_id, args.strict)
+    doc = run_sweep(parse_grid(args.grid), args.config or recipe, overrides, args.sweep_id, args.strict, args.data_from)
     console.print(f"[bold green]sweep folder[/] {doc['folder']}")
     return 1 if any(p["status"] == "failed" for p in doc["points"]) else 0
 

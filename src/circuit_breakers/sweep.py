@@ -188,13 +188,15 @@ def run_sweep(
     overrides: Sequence[str] = (),
     sweep_id: str | None = None,
     strict: bool = False,
+    data_from: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run the main job at every grid point; write sweep.json and sweep.md and print the table.
 
     `overrides` are `--key value` arguments applied to every point (as `circuit-breakers run` takes
     them). A failing point is recorded with its error and the sweep goes on, unless `strict`. Every
     point is checked before the first one runs, so a bad value fails at once. Returns sweep.json's
-    document.
+    document. `data_from`: a finished main-job folder whose data stage (and base-model cells) a point
+    takes when its data settings match (the recorded key is compared), as it would from an earlier point.
     """
     overrides = list(overrides)
     if "--config" in overrides:
@@ -228,7 +230,8 @@ def run_sweep(
         point_root = Path(point["run_dir"])
         before = _ledger(point_root)
         if not _data_done(before, point["data_digest"]):  # a finished point keeps its own data
-            source = _data_source(points[:i], point["data_digest"])
+            outside = [{"run_dir": str(data_from), "data_digest": point["data_digest"]}] if data_from else []
+            source = _data_source([*outside, *points[:i]], point["data_digest"])
             if source is not None:
                 logger.info("sweep point %s: data and base-model cells from %s", point["name"], source.name)
                 share_data(source, point_root)
