@@ -62,3 +62,15 @@ def test_checkpoint_round_trip_restores_the_logits(tmp_path):
     other.model = other.model_wrapped = model
     other._load_from_checkpoint(str(tmp_path / "ckpt"))
     torch.testing.assert_close(other.layer_logits.detach(), torch.tensor([0.3, -0.7]))
+
+
+def test_chunked_step_with_learned_weights_equals_the_whole_batch(tmp_path):
+    inputs = batch()
+    whole, model_w = trainer_for(tmp_path / "w", 0, layer_weights="learned")
+    loss_w = whole.training_step(model_w, dict(inputs))
+    chunked, model_c = trainer_for(tmp_path / "c", 40, layer_weights="learned")
+    loss_c = chunked.training_step(model_c, dict(inputs))
+    assert chunked._metrics["chunks"][-1] >= 3
+    assert loss_c.item() == pytest.approx(loss_w.item(), rel=1e-5)
+    torch.testing.assert_close(chunked.layer_logits.grad, whole.layer_logits.grad, rtol=1e-4, atol=1e-8)
+    assert whole.layer_logits.grad.abs().sum() > 0

@@ -298,7 +298,6 @@ class CircuitBreakerTrainer(Trainer):
             step, args.max_steps, args.alpha, args.schedule, args.decay_multiplier, args.retain_weight,
             args.reroute_warmup_steps,
         )
-        weights = self.layer_weights()
         stats: dict[str, Tensor] = defaultdict(lambda: torch.zeros(()))
         total = torch.zeros((), device=attention_mask.device)
         for i, ((ids, attn, m_cb, m_retain), frozen_i) in enumerate(zip(chunks, frozen)):
@@ -314,6 +313,7 @@ class CircuitBreakerTrainer(Trainer):
                     cos_adapted, cos_frozen = losses.for_cosine(
                         adapted_cb, frozen_cb, m_cb, args.representation, self.outlier_dims or ()
                     )
+                weights = self.layer_weights()  # per chunk: each chunk's backward frees its own graph
                 loss_cb = losses.rerouting_loss(cos_adapted, cos_frozen, m_cb, count_cb, weights) * scale_cb
                 frozen_r, adapted_r = stacked(frozen_i, self.retain_layers), stacked(adapted, self.retain_layers)
                 loss_retain = losses.retain_loss(adapted_r, frozen_r, m_retain, args.retain_distance, count_retain)
@@ -335,8 +335,8 @@ class CircuitBreakerTrainer(Trainer):
                 "or alpha, or use float32."
             )
         stats["chunks"] = torch.tensor(float(len(chunks)))
-        if weights is not None:
-            for layer, w in zip(self.target_layers, weights.detach()):
+        if self.layer_logits is not None:
+            for layer, w in zip(self.target_layers, self.layer_weights().detach()):
                 stats[f"layer_weight_{layer}"] = w.float()
         # the logged component losses are this batch's own means, whatever the normalisation above
         for key, count, scale, local in (("loss_rerouting", count_cb, scale_cb, local_cb),
