@@ -11,7 +11,7 @@ from circuit_breakers.categories import (
     COMBINED, asr_matrix, by_category, category_experiment, category_sets, combine_adapters, load_adapters,
     specificity,
 )
-from circuit_breakers.config import ModelConfig, parse_config
+from circuit_breakers.config import ConfigError, ModelConfig, parse_config
 from circuit_breakers.data.loaders import Prompt, read_prompts
 from circuit_breakers.data.records import Record
 from circuit_breakers.models import export_merged, load_model
@@ -138,3 +138,8 @@ def test_category_experiment_end_to_end(tmp_path):
     again = category_experiment(*args, **options)
     assert again["asr"] == record["asr"]
     assert (out / "adapters" / "alpha" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+    # other settings: the finished adapters are not silently reused
+    m2, d2, c2 = parse_config(["--model_name_or_path", str(tiny), "--max_steps", "3", "--per_device_train_batch_size", "2",
+                               "--target_layers", "2", "4", "--max_length", "96", "--lora_init", "random"])
+    with pytest.raises(ConfigError, match="already holds a different run .*max_steps 2 -> 3"):
+        category_experiment(prompts, retain, out, m2, d2, c2, ["alpha", "beta", "gamma"], 6, **options)

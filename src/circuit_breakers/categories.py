@@ -65,18 +65,20 @@ def train_category_adapter(
     """Train one adapter that covers `covered` into `out_dir` (adapter/, merged/, summary.json), or
     return the summary of one already finished there. `init_adapter`: continue from that adapter
     (continual training: a new category on top of an old one)."""
-    from .train import train
+    from .train import check_output_dir, run_identity, train
 
     out_dir = Path(out_dir)
-    summary_path = out_dir / "summary.json"
-    if summary_path.is_file() and (out_dir / "adapter").is_dir():
-        logger.info("adapter for %s: finished in %s, reused", "+".join(covered), out_dir)
-        return json.loads(summary_path.read_text(encoding="utf-8"))
     rerouted, retained = category_sets(cb_records, retain_records, covered, retain_others)
     m_cfg = copy.deepcopy(model_cfg)
     m_cfg.init_adapter = str(init_adapter) if init_adapter else None
     c_cfg = copy.deepcopy(cb_cfg)
     c_cfg.output_dir = str(out_dir)
+    summary_path = out_dir / "summary.json"
+    # a finished adapter is reused only if it was trained with these settings and data (else: one-line error)
+    check_output_dir(out_dir, run_identity(m_cfg, data_cfg, c_cfg, rerouted, retained), c_cfg.overwrite_output_dir)
+    if summary_path.is_file() and (out_dir / "adapter").is_dir() and not c_cfg.overwrite_output_dir:
+        logger.info("adapter for %s: finished in %s, reused", "+".join(covered), out_dir)
+        return json.loads(summary_path.read_text(encoding="utf-8"))
     if any(out_dir.glob("checkpoint-*")) and c_cfg.resume_from_checkpoint is None:
         c_cfg.resume_from_checkpoint = "last"
     return train(m_cfg, copy.deepcopy(data_cfg), c_cfg, rerouted, retained).summary
@@ -205,9 +207,12 @@ def category_experiment(
     models: dict[str, str] = {"base": model_cfg.model_name_or_path}
     models.update({c: str(adapters_dir / c / "merged") for c in categories})
     combined = adapters_dir / COMBINED / "merged"
-    if not combined.is_dir():
-        export_merged([adapters_dir / c / "adapter" for c in categories], model_cfg.model_name_or_path, combined,
-                      model_cfg.dtype, model_cfg.trust_remote_code)
+    parts = [adapters_dir / c / "adapter" for c in categories]
+    sources = json.dumps([[str(p), (p / "adapter_model.safetensors").stat().st_mtime_ns] for p in parts])
+    stamp = adapters_dir / COMBINED / "sources.json"  # rebuilt when an adapter was retrained
+    if not combined.is_dir() or not stamp.is_file() or stamp.read_text(encoding="utf-8") != sources:
+        export_merged(parts, model_cfg.model_name_or_path, combined, model_cfg.dtype, model_cfg.trust_remote_code)
+        stamp.write_text(sources, encoding="utf-8")
     models[COMBINED] = str(combined)
     first, second = categories[:2]
     continual_name = f"{first}+{second} (continual)"
