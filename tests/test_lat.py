@@ -98,3 +98,15 @@ def test_adversary_rows_are_independent_of_the_batch_they_come_in(tmp_path):
                                    trainer._frozen_states(model, ids[one], attn[one]), None)
         torch.testing.assert_close(alone[0], whole[row], rtol=1e-3, atol=1e-4)
         assert alone.abs().sum() > 0
+
+
+def test_prompt_only_adversary_leaves_the_completion_tokens_alone(tmp_path):
+    trainer, model = trainer_for(tmp_path, 0, lat_epsilon=0.5, lat_steps=3, lat_layer=1, lat_positions="prompt")
+    rerouted(model)
+    inputs = batch()
+    ids, attn, m_cb = inputs["input_ids"], inputs["attention_mask"], inputs["cb_mask"] * inputs["attention_mask"]
+    delta = trainer._adversary(model, ids, attn, m_cb, trainer._frozen_states(model, ids, attn), None)
+    norms = delta.norm(dim=-1)
+    assert norms[m_cb > 0].abs().max() == 0  # completion tokens untouched
+    prompt = (attn[:3] > 0) & (m_cb[:3] == 0)
+    assert (norms[:3][prompt] > 0).float().mean() > 0.9  # the prompt tokens moved

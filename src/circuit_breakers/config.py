@@ -142,6 +142,11 @@ class CircuitBreakerConfig(TrainingArguments):
     )
     lat_layer: int = field(default=0, metadata={"help": "hidden_states index the adversary perturbs (0: the input embeddings)."})
     lat_steps: int = field(default=4, metadata={"help": "PGD steps of the adversary per training step."})
+    lat_positions: Literal["all", "prompt"] = field(
+        default="all",
+        metadata={"help": "Tokens the adversary may shift: all (prompt and completion) or prompt (those outside the "
+                          "rerouting mask, as an attacker who controls only the input)."},
+    )
     stall_check_steps: int = field(default=20, metadata={"help": "Warn if rerouting has not started after this many steps (0: off)."})
     stall_margin: float = field(default=0.05, metadata={"help": "Fall in rerouting cosine that counts as started."})
     truncate_layers: bool = field(default=True, metadata={"help": "Train without the blocks above the deepest target layer."})
@@ -161,7 +166,7 @@ class CircuitBreakerConfig(TrainingArguments):
             raise ConfigError("max_chunk_tokens must be 0 (no chunks) or positive")
         for name, allowed in (("schedule", ("dual", "cosine", "single")), ("representation", ("raw", "centered", "no_outliers")),
                               ("retain_distance", ("l2", "relative", "relative_squared")),
-                              ("layer_weights", ("uniform", "learned"))):
+                              ("layer_weights", ("uniform", "learned")), ("lat_positions", ("all", "prompt"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
 

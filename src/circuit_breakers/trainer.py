@@ -363,7 +363,8 @@ class CircuitBreakerTrainer(Trainer):
         net = self.accelerator.unwrap_model(model)
         ids, attn, m_cb = ids[rows], attn[rows], m_cb[rows]  # only circuit-breaker rows: retain rows stay clean
         clean = frozen[args.lat_layer][rows]
-        radius = args.lat_epsilon * clean.float().norm(dim=-1, keepdim=True) * (attn > 0)[..., None]
+        movable = (attn > 0) & ((m_cb == 0) if args.lat_positions == "prompt" else True)
+        radius = args.lat_epsilon * clean.float().norm(dim=-1, keepdim=True) * movable[..., None]
         step = 2.5 * radius / args.lat_steps  # PGD's usual step: the ball's edge is reachable in under half the steps
         delta = torch.zeros_like(clean, dtype=torch.float32, requires_grad=True)
         best, best_value = torch.zeros_like(delta), torch.full((len(rows),), float("-inf"), device=delta.device)
