@@ -33,6 +33,9 @@ def test_category_sets_reroute_the_covered_and_retain_the_others():
     assert all(r.kind == "retain" for r in retained) and cb[1].kind == "circuit_breaker"  # copies, not edits
     assert category_sets(cb, retain, ["a"], retain_others=False)[1] == retain
     assert [r.category for r in category_sets(cb, retain, ["a", "b"])[0]] == ["a", "a", "b"]
+    # continuing an adapter that covers "a" on "b": a's rows are neither rerouted nor retained
+    rerouted, retained = category_sets(cb, retain, ["b"], kept=["a"])
+    assert [r.category for r in rerouted] == ["b"] and [r.category for r in retained] == [None, None]
     with pytest.raises(ValueError, match="no circuit-breaker rows of category \\['c'\\]"):
         category_sets(cb, retain, ["c"])
 
@@ -119,7 +122,7 @@ def test_category_experiment_end_to_end(tmp_path):
         summary = json.loads((out / "adapters" / category / "summary.json").read_text())
         assert summary["examples"] == {"circuit_breaker": 3, "retain": 10}
     continual = json.loads((out / "adapters" / "continual-alpha+beta" / "summary.json").read_text())
-    assert continual["examples"] == {"circuit_breaker": 6, "retain": 7}
+    assert continual["examples"] == {"circuit_breaker": 3, "retain": 7}  # beta alone; gamma retained, alpha kept
     run = json.loads((out / "adapters" / "continual-alpha+beta" / "training_run.json").read_text())
     assert str(out / "adapters" / "alpha" / "adapter") in json.dumps(run)  # it started from alpha's adapter
     models = {"base", "alpha", "beta", "gamma", COMBINED, "alpha+beta (continual)"}

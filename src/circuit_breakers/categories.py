@@ -37,17 +37,20 @@ def by_category(records: Sequence[Record]) -> dict[str, list[Record]]:
 
 
 def category_sets(
-    cb_records: Sequence[Record], retain_records: Sequence[Record], covered: Sequence[str], retain_others: bool = True
+    cb_records: Sequence[Record], retain_records: Sequence[Record], covered: Sequence[str], retain_others: bool = True,
+    kept: Sequence[str] = (),
 ) -> tuple[list[Record], list[Record]]:
     """(rerouted, retained) for an adapter that covers the categories `covered`: their circuit-breaker rows
-    are rerouted; with `retain_others`, the other categories' rows join the retain set (as retain rows)."""
+    are rerouted; with `retain_others`, the other categories' rows join the retain set (as retain rows),
+    except those of `kept` (categories an adapter continued from already breaks: neither trained nor undone)."""
     groups = by_category(cb_records)
-    missing = [c for c in covered if c not in groups]
+    missing = [c for c in [*covered, *kept] if c not in groups]
     if missing:
         raise ValueError(f"no circuit-breaker rows of categor{'ies' if len(missing) > 1 else 'y'} {missing}; "
                          f"the data has {sorted(groups)}")
     rerouted = [r for c in covered for r in groups[c]]
-    others = [replace(r, kind="retain") for c, rows in groups.items() if c not in covered for r in rows] if retain_others else []
+    others = [replace(r, kind="retain") for c, rows in groups.items() if c not in covered and c not in kept
+              for r in rows] if retain_others else []
     return rerouted, [*retain_records, *others]
 
 
@@ -61,14 +64,15 @@ def train_category_adapter(
     out_dir: str | Path,
     retain_others: bool = True,
     init_adapter: str | Path | None = None,
+    kept: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Train one adapter that covers `covered` into `out_dir` (adapter/, merged/, summary.json), or
     return the summary of one already finished there. `init_adapter`: continue from that adapter
-    (continual training: a new category on top of an old one)."""
+    (continual training: a new category on top of an old one, whose categories are `kept`)."""
     from .train import check_output_dir, run_identity, train
 
     out_dir = Path(out_dir)
-    rerouted, retained = category_sets(cb_records, retain_records, covered, retain_others)
+    rerouted, retained = category_sets(cb_records, retain_records, covered, retain_others, kept)
     m_cfg = copy.deepcopy(model_cfg)
     m_cfg.init_adapter = str(init_adapter) if init_adapter else None
     c_cfg = copy.deepcopy(cb_cfg)
@@ -167,7 +171,7 @@ def category_experiment(
 ) -> dict[str, Any]:
     """The whole measurement, resumable: split the categories' prompts (held-out share per category),
     generate the base model's completions of the training prompts, train one adapter per category, then
-    (`continual`) the first adapter continued on the second category; evaluate base, each adapter, their
+    (`continual`) the first adapter continued on the second category's data alone; evaluate base, each adapter, their
     combination and the continual one on the held-out prompts; write categories.json / categories.md,
     results.json and report.html (ASR per category for every model) under `out`."""
     from .data.generate import generate_completions
@@ -218,9 +222,9 @@ def category_experiment(
     continual_name = f"{first}+{second} (continual)"
     if continual:
         folder = adapters_dir / f"continual-{first}+{second}"
-        summaries[continual_name] = train_category_adapter(
-            model_cfg, data_cfg, cb_cfg, cb_records, retain_records, [first, second], folder, retain_others,
-            init_adapter=adapters_dir / first / "adapter")
+        summaries[continual_name] = train_category_adapter(  # the new category's data only: no replay of the old
+            model_cfg, data_cfg, cb_cfg, cb_records, retain_records, [second], folder, retain_others,
+            init_adapter=adapters_dir / first / "adapter", kept=[first])
         models[continual_name] = str(folder / "merged")
 
     result = evaluate_models(models, eval_prompts, list(attacks), judge=judge, max_new_tokens=max_new_tokens,
