@@ -252,6 +252,25 @@ def test_same_run_in_the_same_dir_is_allowed(setup, reference):
     assert check_output_dir(ref_dir, identity, overwrite=False) is False
 
 
+def test_a_setting_added_later_at_its_default_is_the_same_run(setup, reference, tmp_path):
+    """A run recorded by a version without `lat_positions` is the same run when the setting is at its
+    default (which reproduces the old behaviour), and a different one when it is not."""
+    _, _, ref_dir = reference
+    from circuit_breakers.train import check_output_dir, read_labelled, run_identity
+
+    old = tmp_path / "old"
+    (old / "adapter").mkdir(parents=True)
+    recorded = json.loads((ref_dir / RUN_FILE).read_text())
+    del recorded["train"]["lat_positions"]
+    (old / RUN_FILE).write_text(json.dumps(recorded))
+    m, d, c = parse_config(args(setup, old))
+    cb, retain = [r for _, r in read_labelled(d.cb_data)], [r for _, r in read_labelled(d.retain_data)]
+    assert check_output_dir(old, run_identity(m, d, c, cb, retain), overwrite=False) is False
+    m, d, c = parse_config(args(setup, old, "--lat_positions", "prompt"))
+    with pytest.raises(ConfigError, match=r"lat_positions None -> 'prompt'"):
+        check_output_dir(old, run_identity(m, d, c, cb, retain), overwrite=False)
+
+
 @pytest.mark.parametrize("rows, message", [
     (['{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}', '{"messages": ['],
      r"cb\.jsonl:2: invalid JSON"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import errno
 import hashlib
@@ -267,6 +268,26 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     return out
 
 
+def _field_defaults() -> dict[str, dict[str, Any]]:
+    """The default of every field, per identity section (to recognise a setting added after a run)."""
+    def defaults(cls: type) -> dict[str, Any]:
+        return {f.name: _plain(f.default) for f in fields(cls) if f.default is not dataclasses.MISSING}
+    return {"model": defaults(ModelConfig), "data": defaults(DataConfig), "train": defaults(CircuitBreakerConfig)}
+
+
+def _with_new_defaults(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """`old` plus the settings it lacks that `new` holds at their default: a knob added by a later version,
+    left at the default that reproduces the old behaviour, is not a different run."""
+    merged = json.loads(json.dumps(old))
+    for section, known in _field_defaults().items():
+        if not isinstance(merged.get(section), dict) or not isinstance(new.get(section), dict):
+            continue
+        for key, value in new[section].items():
+            if key not in merged[section] and key in known and json.loads(json.dumps(known[key], default=str)) == value:
+                merged[section][key] = value
+    return merged
+
+
 def check_output_dir(out: Path, identity: dict[str, Any], overwrite: bool) -> bool:
     """Raise ConfigError if `out` holds a different run and `overwrite` is off. Returns whether the
     folder's earlier run must be cleared (a different run, with overwrite on). Reads only."""
@@ -281,6 +302,8 @@ def check_output_dir(out: Path, identity: dict[str, Any], overwrite: bool) -> bo
             old = json.loads(recorded.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             old = None
+        if isinstance(old, dict):
+            old = _with_new_defaults(old, identity)
         if old == identity:
             return False
         diffs = _differences(old, identity) if isinstance(old, dict) else ["unreadable " + RUN_FILE]
