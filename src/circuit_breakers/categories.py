@@ -163,6 +163,8 @@ def category_experiment(
     n_eval: int,
     retain_others: bool = True,
     continual: bool = True,
+    replay: bool = False,
+    continual_steps: int | None = None,
     attacks: Sequence[str] = ("direct",),
     completion_tokens: int = 48,
     max_new_tokens: int = 40,
@@ -171,7 +173,8 @@ def category_experiment(
 ) -> dict[str, Any]:
     """The whole measurement, resumable: split the categories' prompts (held-out share per category),
     generate the base model's completions of the training prompts, train one adapter per category, then
-    (`continual`) the first adapter continued on the second category's data alone; evaluate base, each adapter, their
+    (`continual`) the first adapter continued on the second category's data (with `replay`, on both
+    categories' data; `continual_steps`: its optimizer steps, default the recipe's); evaluate base, each adapter, their
     combination and the continual one on the held-out prompts; write categories.json / categories.md,
     results.json and report.html (ASR per category for every model) under `out`."""
     from .data.generate import generate_completions
@@ -219,12 +222,16 @@ def category_experiment(
         stamp.write_text(sources, encoding="utf-8")
     models[COMBINED] = str(combined)
     first, second = categories[:2]
-    continual_name = f"{first}+{second} (continual)"
+    continual_name = f"{first}+{second} (continual{', replay' if replay else ''})"
     if continual:
-        folder = adapters_dir / f"continual-{first}+{second}"
-        summaries[continual_name] = train_category_adapter(  # the new category's data only: no replay of the old
-            model_cfg, data_cfg, cb_cfg, cb_records, retain_records, [second], folder, retain_others,
-            init_adapter=adapters_dir / first / "adapter", kept=[first])
+        folder = adapters_dir / f"continual-{first}+{second}{'-replay' if replay else ''}"
+        c_cfg = copy.deepcopy(cb_cfg)
+        c_cfg.max_steps = continual_steps or cb_cfg.max_steps
+        # without replay the old category is kept out of both sets; with it, its rows are rerouted again
+        covered, kept = ([first, second], []) if replay else ([second], [first])
+        summaries[continual_name] = train_category_adapter(
+            model_cfg, data_cfg, c_cfg, cb_records, retain_records, covered, folder, retain_others,
+            init_adapter=adapters_dir / first / "adapter", kept=kept)
         models[continual_name] = str(folder / "merged")
 
     result = evaluate_models(models, eval_prompts, list(attacks), judge=judge, max_new_tokens=max_new_tokens,

@@ -538,6 +538,9 @@ def _cmd_categories(argv: list[str]) -> int:
     exp.add_argument("--retain_others", choices=["true", "false"], default="true",
                      help="retain the other categories' completions, so each adapter stays specific")
     exp.add_argument("--no_continual", action="store_true")
+    exp.add_argument("--replay", action="store_true", help="continual run: reroute the first category's rows again "
+                                                          "beside the second's (default: the second's alone)")
+    exp.add_argument("--continual_steps", type=int, help="continual run's steps (default: the recipe's max_steps)")
     exp.add_argument("--attacks", default="direct")
     args, rest = parser.parse_known_args(argv)
     from pathlib import Path
@@ -554,7 +557,7 @@ def _cmd_categories(argv: list[str]) -> int:
     record = category_experiment(
         prompts, read_records(args.retain_data, "retain"), args.out, model_cfg, data_cfg, cb_cfg,
         [c.strip() for c in args.categories.split(",") if c.strip()], args.n_eval, args.retain_others == "true",
-        not args.no_continual, [a for a in args.attacks.split(",") if a],
+        not args.no_continual, args.replay, args.continual_steps, [a for a in args.attacks.split(",") if a],
     )
     for attack in record.get("asr", {}):
         console.print((Path(args.out) / f"categories-{attack}.md").read_text(encoding="utf-8"), markup=False)
