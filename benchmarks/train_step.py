@@ -45,7 +45,7 @@ from circuit_breakers.data.batching import PairedCollator
 from circuit_breakers.data.records import Record
 from circuit_breakers.data.render import Example, render_all
 from circuit_breakers.losses import coefficients
-from circuit_breakers.models import find_decoder_layers, load_model, load_tokenizer, truncate_layers
+from circuit_breakers.models import load_model, load_tokenizer, truncate_layers
 from circuit_breakers.train import add_lora
 from circuit_breakers.trainer import CircuitBreakerTrainer, chunk_rows, resolve_retain_layers
 

@@ -42,7 +42,7 @@ def test_perturbed_shifts_exactly_one_hidden_state(layer):
 
 
 def test_adversary_stays_in_its_ball_on_circuit_breaker_rows_and_raises_the_cosine(tmp_path):
-    trainer, model = trainer_for(tmp_path, 0, lat_epsilon=0.5, lat_steps=3, lat_layer=1)
+    trainer, model = trainer_for(tmp_path, 0, lat_epsilon=0.5, lat_steps=3, lat_layer=1, lat_step_size=0.25)
     rerouted(model)
     inputs = batch()
     ids, attn, m_cb = inputs["input_ids"], inputs["attention_mask"], inputs["cb_mask"] * inputs["attention_mask"]
@@ -66,11 +66,28 @@ def test_adversary_stays_in_its_ball_on_circuit_breaker_rows_and_raises_the_cosi
     assert cosine(delta) > cosine(None) + 1e-3
 
 
+def test_adversary_takes_signed_steps_of_the_given_size(tmp_path):
+    """One step moves every coordinate of a movable token by lat_step_size x its norm / sqrt(H), the
+    embedding attack's signed rule (an L2 size of lat_step_size x the norm)."""
+    trainer, model = trainer_for(tmp_path, 0, lat_epsilon=5.0, lat_steps=2, lat_layer=1, lat_step_size=0.1)
+    rerouted(model)
+    inputs = batch()
+    ids, attn, m_cb = inputs["input_ids"], inputs["attention_mask"], inputs["cb_mask"] * inputs["attention_mask"]
+    frozen = trainer._frozen_states(model, ids, attn)
+    delta = trainer._adversary(model, ids, attn, m_cb, frozen, None)[:3]  # candidates: no shift, one step
+    real = attn[:3] > 0
+    want = 0.1 * frozen[1][:3].norm(dim=-1, keepdim=True) / frozen[1].shape[-1] ** 0.5
+    moved = delta.abs().sum(dim=(1, 2)) > 0
+    assert moved.all()  # against a rerouted adapter one step beats none on every row
+    torch.testing.assert_close(delta.abs()[real], want.expand_as(delta)[real], rtol=1e-4, atol=1e-6)
+    assert delta[~real].abs().max() == 0
+
+
 def test_lat_step_trains_on_the_perturbed_rows_and_keeps_retain_clean(tmp_path):
     inputs = batch()
     plain, model_p = trainer_for(tmp_path / "p", 0)
     plain.training_step(rerouted(model_p), dict(inputs))
-    hardened, model_h = trainer_for(tmp_path / "h", 0, lat_epsilon=0.5, lat_steps=2, lat_layer=1)
+    hardened, model_h = trainer_for(tmp_path / "h", 0, lat_epsilon=0.5, lat_steps=2, lat_layer=1, lat_step_size=0.25)
     hardened.training_step(rerouted(model_h), dict(inputs))
     p, h = plain._metrics, hardened._metrics
     assert h["loss_rerouting"][-1] > p["loss_rerouting"][-1] + 1e-4  # the adversary pulled the cosine back up
@@ -81,13 +98,15 @@ def test_lat_step_trains_on_the_perturbed_rows_and_keeps_retain_clean(tmp_path):
 def test_lat_settings_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="lat_epsilon"):
         CircuitBreakerConfig(output_dir=str(tmp_path), lat_epsilon=-1, use_cpu=True, report_to="none")
+    with pytest.raises(ConfigError, match="lat_step_size"):
+        CircuitBreakerConfig(output_dir=str(tmp_path), lat_epsilon=0.5, lat_step_size=0, use_cpu=True, report_to="none")
     with pytest.raises(ConfigError, match="below the deepest target layer"):
         trainer_for(tmp_path, 0, lat_epsilon=0.5, lat_layer=4)
 
 
 def test_adversary_rows_are_independent_of_the_batch_they_come_in(tmp_path):
-    """Per-token normalised steps and a per-row choice: chunks and devices find the same shifts."""
-    trainer, model = trainer_for(tmp_path, 0, lat_epsilon=0.5, lat_steps=3, lat_layer=1)
+    """Per-coordinate signed steps and a per-row choice: chunks and devices find the same shifts."""
+    trainer, model = trainer_for(tmp_path, 0, lat_epsilon=0.5, lat_steps=3, lat_layer=1, lat_step_size=0.25)
     rerouted(model)
     inputs = batch()
     ids, attn, m_cb = inputs["input_ids"], inputs["attention_mask"], inputs["cb_mask"] * inputs["attention_mask"]
@@ -101,7 +120,8 @@ def test_adversary_rows_are_independent_of_the_batch_they_come_in(tmp_path):
 
 
 def test_prompt_only_adversary_leaves_the_completion_tokens_alone(tmp_path):
-    trainer, model = trainer_for(tmp_path, 0, lat_epsilon=0.5, lat_steps=3, lat_layer=1, lat_positions="prompt")
+    trainer, model = trainer_for(tmp_path, 0, lat_epsilon=0.5, lat_steps=3, lat_layer=1, lat_positions="prompt",
+                                 lat_step_size=0.25)
     rerouted(model)
     inputs = batch()
     ids, attn, m_cb = inputs["input_ids"], inputs["attention_mask"], inputs["cb_mask"] * inputs["attention_mask"]

@@ -2,11 +2,10 @@
 
 import pytest
 import torch
-from peft import PeftModel
 
 from circuit_breakers import models
 from circuit_breakers.representations import hidden_states
-from helpers import make_model, make_tokenizer, save_tiny
+from helpers import make_model, make_tokenizer
 
 ARCHS = ["llama", "mistral", "qwen2", "gemma", "gpt_neox", "gpt2"]
 

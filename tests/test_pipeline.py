@@ -6,6 +6,7 @@ import json
 import pytest
 
 from circuit_breakers.cli import main
+from circuit_breakers.config import CircuitBreakerConfig
 from circuit_breakers.data.loaders import Prompt, read_prompts
 from circuit_breakers.data.records import read_records
 from circuit_breakers.pipeline import Run, Stage, split_prompts
@@ -44,8 +45,24 @@ def test_stage_ledger_skips_finished_stages_and_reruns_what_follows_a_change(tmp
     with pytest.raises(KeyboardInterrupt):
         Run(tmp_path).stage(Stage("c", {"z": 1}, interrupted))
     entry = json.loads((tmp_path / "stages.json").read_text())["c"]
-    assert entry == {"key": Run.digest({"z": 1}), "done": False}  # recognised, and run again next time
+    assert entry == {"key": Run.digest({"z": 1}), "settings": {"z": 1}, "done": False}  # recognised, run again
     assert Run(tmp_path).stage(stage("c", {"z": 1})) and calls[-1] == "c"
+
+
+def test_a_setting_added_later_at_its_default_keeps_finished_stages(tmp_path):
+    """A run recorded before a knob existed stays cached when the knob is at its default (which reproduces
+    the old behaviour), and runs again when it is not."""
+    calls = []
+    stage = lambda key: Stage("train", key, lambda: calls.append(key))  # noqa: E731
+    old = {"seed": 1, "train": {"max_steps": 2, "alpha": 10.0}}
+    assert Run(tmp_path).stage(stage(old))
+    default = CircuitBreakerConfig.__dataclass_fields__["lat_step_size"].default
+    grown = {"seed": 1, "train": {"max_steps": 2, "alpha": 10.0, "lat_step_size": default}}
+    assert not Run(tmp_path).stage(stage(grown))
+    assert json.loads((tmp_path / "stages.json").read_text())["train"]["key"] == Run.digest(grown)  # brought up to date
+    changed = {"seed": 1, "train": {"max_steps": 2, "alpha": 10.0, "lat_step_size": default * 2}}
+    assert Run(tmp_path).stage(stage(changed)) and calls == [old, changed]
+    assert Run(tmp_path).stage(stage({"seed": 2, "train": changed["train"]}))  # a changed known setting still counts
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 import math
 
 import pytest
-import torch
 
 from circuit_breakers.data.records import Record
 from circuit_breakers.data.render import render_all

@@ -1,6 +1,5 @@
 """Training on tiny models: parameters move, rerouting happens, export and resume are exact."""
 
-import json
 
 import pytest
 import torch
@@ -173,6 +172,22 @@ def test_chosen_default_reroutes_without_warning(tiny_dir, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="circuit_breakers"):
         result = train(m, d, c, *records())
     assert result.summary["rerouted"] is True
+    assert not any("rerouting has not started" in r.message for r in caplog.records)
+
+
+def test_a_continued_rerouted_adapter_counts_as_rerouted_without_a_stall_warning(tiny_dir, tmp_path, caplog):
+    """Rerouting is judged against adapted == frozen (cosine 1), not against the run's first log: an adapter
+    continued after it has rerouted starts low and barely moves, which is no stall."""
+    m, d, c = config(tiny_dir, tmp_path / "first", *CHOSEN, "--merge", "false")
+    first = train(m, d, c, *records())
+    assert first.summary["cos_rerouting_end"] < 0.5
+    m, d, c = config(tiny_dir, tmp_path / "second", *CHOSEN, "--merge", "false", "--max_steps", "2",
+                     "--learning_rate", "1e-6", "--stall_check_steps", "1", "--init_adapter", str(first.adapter_dir))
+    with caplog.at_level("WARNING", logger="circuit_breakers"):
+        second = train(m, d, c, *records())
+    s = second.summary
+    assert s["cos_rerouting_start"] < 0.5 and abs(s["cos_rerouting_end"] - s["cos_rerouting_start"]) < 0.05, s
+    assert s["rerouted"] is True
     assert not any("rerouting has not started" in r.message for r in caplog.records)
 
 

@@ -142,13 +142,18 @@ class CircuitBreakerConfig(TrainingArguments):
     )
     lat_layer: int = field(default=0, metadata={"help": "hidden_states index the adversary perturbs (0: the input embeddings)."})
     lat_steps: int = field(default=4, metadata={"help": "PGD steps of the adversary per training step."})
+    lat_step_size: float = field(
+        default=0.05,
+        metadata={"help": "Size of one adversary step (signed gradient, as the embedding attack takes), as the step's "
+                          "L2 norm relative to the token's own norm."},
+    )
     lat_positions: Literal["all", "prompt"] = field(
         default="all",
         metadata={"help": "Tokens the adversary may shift: all (prompt and completion) or prompt (those outside the "
                           "rerouting mask, as an attacker who controls only the input)."},
     )
     stall_check_steps: int = field(default=20, metadata={"help": "Warn if rerouting has not started after this many steps (0: off)."})
-    stall_margin: float = field(default=0.05, metadata={"help": "Fall in rerouting cosine that counts as started."})
+    stall_margin: float = field(default=0.05, metadata={"help": "Fall of the rerouting cosine below 1 (adapted == frozen) that counts as rerouting."})
     truncate_layers: bool = field(default=True, metadata={"help": "Train without the blocks above the deepest target layer."})
     merge: bool = field(default=True, metadata={"help": "Write the merged full model after training."})
     overwrite_output_dir: bool = field(
@@ -160,8 +165,8 @@ class CircuitBreakerConfig(TrainingArguments):
         super().__post_init__()
         if self.alpha < 0:
             raise ConfigError("alpha must be non-negative")
-        if self.lat_epsilon < 0 or self.lat_steps < 1 or self.lat_layer < 0:
-            raise ConfigError("lat_epsilon must be >= 0, lat_steps >= 1 and lat_layer >= 0")
+        if self.lat_epsilon < 0 or self.lat_steps < 1 or self.lat_layer < 0 or self.lat_step_size <= 0:
+            raise ConfigError("lat_epsilon must be >= 0, lat_steps >= 1, lat_step_size > 0 and lat_layer >= 0")
         if self.max_chunk_tokens < 0:
             raise ConfigError("max_chunk_tokens must be 0 (no chunks) or positive")
         for name, allowed in (("schedule", ("dual", "cosine", "single")), ("representation", ("raw", "centered", "no_outliers")),

@@ -72,11 +72,6 @@ def retain_loss(
     return _masked_mean(dist, mask, count)
 
 
-def masked_cosine(adapted: Tensor, frozen: Tensor, mask: Tensor) -> Tensor:
-    """Mean cosine over masked tokens and layers (a metric: no ReLU)."""
-    return _masked_mean(F.cosine_similarity(adapted.float(), frozen.float(), dim=-1), mask)
-
-
 def for_cosine(
     adapted: Tensor,
     frozen: Tensor,

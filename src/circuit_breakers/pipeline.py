@@ -90,19 +90,37 @@ class Run:
     def digest(key: dict[str, Any]) -> str:
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+    def same(self, name: str, key: dict[str, Any]) -> bool:
+        """Whether the recorded attempt at stage `name` had these settings. A setting added by a later
+        version and left at its default (which reproduces the old behaviour) does not count as a change;
+        the record is brought up to date when that is all that differs."""
+        from .train import with_new_defaults
+
+        entry = self.ledger.get(name)
+        if not entry:
+            return False
+        digest = self.digest(key)
+        if entry.get("key") == digest:
+            return True
+        settings, plain = entry.get("settings"), json.loads(json.dumps(key, default=str))
+        if isinstance(settings, dict) and with_new_defaults(settings, plain) == plain:
+            self._save(name, {**entry, "key": digest, "settings": plain})
+            return True
+        return False
+
     def stage(self, stage: Stage) -> bool:
         """Run `stage` unless a finished run with the same key is recorded; True if it ran."""
-        digest = self.digest(stage.key)
         entry = self.ledger.get(stage.name)
-        if not self.invalidated and entry and entry.get("key") == digest and entry.get("done"):
+        if not self.invalidated and entry and self.same(stage.name, stage.key) and self.ledger[stage.name].get("done"):
             logger.info("stage %s: cached (%.0f s when it ran)", stage.name, entry.get("seconds", 0))
             return False
         self.invalidated = True  # everything after a re-run stage runs again
         logger.info("stage %s: running", stage.name)
-        self._save(stage.name, {"key": digest, "done": False})  # an interrupted attempt is recognised later
+        record = {"key": self.digest(stage.key), "settings": json.loads(json.dumps(stage.key, default=str))}
+        self._save(stage.name, {**record, "done": False})  # an interrupted attempt is recognised later
         start = time.time()
         stage.fn()
-        self._save(stage.name, {"key": digest, "done": True, "seconds": round(time.time() - start, 1)})
+        self._save(stage.name, {**record, "done": True, "seconds": round(time.time() - start, 1)})
         return True
 
     def _save(self, name: str, entry: dict[str, Any]) -> None:
@@ -169,8 +187,7 @@ def run_pipeline(
 
     # A train folder left by a run with other settings is replaced; one left by an interrupted attempt
     # with these settings (recorded as not done) is resumed from its last checkpoint.
-    previous = run.ledger.get("train")
-    stale_train = previous is not None and previous.get("key") != run.digest(train_key)
+    stale_train = "train" in run.ledger and not run.same("train", train_key)
     stages = [
         Stage("model", model_key, lambda: resolve_model_path(model_cfg.model_name_or_path)),
         Stage("data", data_key, lambda: build_data(run_cfg, model_cfg.model_name_or_path, data_dir, cb_cfg.seed)),

@@ -275,7 +275,7 @@ def _field_defaults() -> dict[str, dict[str, Any]]:
     return {"model": defaults(ModelConfig), "data": defaults(DataConfig), "train": defaults(CircuitBreakerConfig)}
 
 
-def _with_new_defaults(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+def with_new_defaults(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """`old` plus the settings it lacks that `new` holds at their default: a knob added by a later version,
     left at the default that reproduces the old behaviour, is not a different run."""
     merged = json.loads(json.dumps(old))
@@ -303,7 +303,7 @@ def check_output_dir(out: Path, identity: dict[str, Any], overwrite: bool) -> bo
         except (OSError, ValueError):
             old = None
         if isinstance(old, dict):
-            old = _with_new_defaults(old, identity)
+            old = with_new_defaults(old, identity)
         if old == identity:
             return False
         diffs = _differences(old, identity) if isinstance(old, dict) else ["unreadable " + RUN_FILE]

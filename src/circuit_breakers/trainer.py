@@ -352,7 +352,11 @@ class CircuitBreakerTrainer(Trainer):
         cosine (adapted vs frozen, the representation the loss sees; no ReLU, so it still has a gradient
         once rerouted), each token's shift kept within an L2 ball of lat_epsilon x that token's own norm;
         each row keeps the shift with its highest cosine among those evaluated (the first being none).
-        Rows are independent (per-token normalised steps, per-row choice), so chunks and devices give the
+        Steps are signed gradients, each of L2 size lat_step_size x the token's norm: the embedding attack's
+        rule. Per-token L2-normalised steps of 2.5 eps / steps (PGD's textbook rule, used before) overshot:
+        against the finished embedded circuit breaker they restored a layer-20 cosine of 0.55-0.93 where 8
+        signed steps of 0.05 restore 0.97-0.99 (clean: -0.38), as the attack itself does (docs/extensions.md).
+        Rows are independent (per-coordinate signed steps, per-row choice), so chunks and devices give the
         same shifts as one whole batch.
         The step's rerouting loss is then computed on the perturbed rows, so rerouting must hold under it.
         Runs on the unwrapped model (replicated under DDP) and touches no parameter's gradient."""
@@ -365,7 +369,7 @@ class CircuitBreakerTrainer(Trainer):
         clean = frozen[args.lat_layer][rows]
         movable = (attn > 0) & ((m_cb == 0) if args.lat_positions == "prompt" else True)
         radius = args.lat_epsilon * clean.float().norm(dim=-1, keepdim=True) * movable[..., None]
-        step = 2.5 * radius / args.lat_steps  # PGD's usual step: the ball's edge is reachable in under half the steps
+        step = args.lat_step_size * clean.float().norm(dim=-1, keepdim=True) * movable[..., None] / clean.shape[-1] ** 0.5
         delta = torch.zeros_like(clean, dtype=torch.float32, requires_grad=True)
         best, best_value = torch.zeros_like(delta), torch.full((len(rows),), float("-inf"), device=delta.device)
         frozen_cb = stacked(frozen, self.target_layers)[:, rows]
@@ -384,7 +388,7 @@ class CircuitBreakerTrainer(Trainer):
                 better = per_row.detach() > best_value
                 best[better] = delta.detach()[better]
                 best_value = torch.maximum(best_value, per_row.detach())
-                delta += step * grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                delta += step * grad.sign()
                 norm = delta.norm(dim=-1, keepdim=True)
                 delta *= torch.where(norm > radius, radius / norm.clamp_min(1e-12), torch.ones_like(norm))
         full = torch.zeros_like(frozen[args.lat_layer])
@@ -595,7 +599,7 @@ class CircuitBreakerTrainer(Trainer):
         if step < n:
             return
         start = self.cosine_history[0][1]
-        if start - cos_now < self.args.stall_margin:
+        if 1.0 - cos_now < self.args.stall_margin:  # against adapted == frozen: a continued adapter starts rerouted
             self.stall_warned = True
             if not self.is_world_process_zero():
                 return
@@ -619,7 +623,7 @@ class CircuitBreakerTrainer(Trainer):
             "cos_rerouting_start": start[1],
             "cos_rerouting_end": end[1],
             "cos_retain_end": end[2],
-            "rerouted": bool(start[1] - end[1] >= self.args.stall_margin),
+            "rerouted": bool(1.0 - end[1] >= self.args.stall_margin),
             "stall_warning": self.stall_warned,
             **({"layer_weights": {str(layer): round(float(w), 6) for layer, w in zip(self.target_layers, self.layer_weights())}}
                if self.layer_logits is not None else {}),
