@@ -91,9 +91,9 @@ class Run:
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def same(self, name: str, key: dict[str, Any]) -> bool:
-        """Whether the recorded attempt at stage `name` had these settings. A setting added by a later
-        version and left at its default (which reproduces the old behaviour) does not count as a change;
-        the record is brought up to date when that is all that differs."""
+        """Whether the recorded attempt at stage `name` had these settings. A model, data or training
+        setting added by a later version and left at its default (which reproduces the old behaviour) does
+        not count as a change; the record is brought up to date when that is all that differs."""
         from .train import with_new_defaults
 
         entry = self.ledger.get(name)
