@@ -33,13 +33,17 @@ from circuit_breakers.models import load_model, load_model_and_tokenizer
 LAYERS = (10, 20, 25, 30)
 
 
-def cosines(model, base, embeds: torch.Tensor, start: int, stop: int) -> dict[int, float]:
-    """Mean cosine per layer between `model` and `base` hidden states over positions [start, stop)."""
+def cosines(model, base, embeds: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Per-position cosine per layer between `model` and `base` hidden states on the same input: {layer: [T]}."""
     with torch.no_grad():
         mine = model(inputs_embeds=embeds, output_hidden_states=True).hidden_states
         theirs = base(inputs_embeds=embeds, output_hidden_states=True).hidden_states
-    return {layer: round(float(F.cosine_similarity(mine[layer][0, start:stop], theirs[layer][0, start:stop], dim=-1).mean()), 3)
-            for layer in LAYERS if layer < len(mine)}
+    return {layer: F.cosine_similarity(mine[layer][0], theirs[layer][0], dim=-1) for layer in LAYERS if layer < len(mine)}
+
+
+def span(per_layer: dict[int, torch.Tensor], start: int, stop: int) -> dict[int, float]:
+    """Mean of each layer's cosine over positions [start, stop)."""
+    return {layer: round(float(cos[start:stop].mean()), 3) for layer, cos in per_layer.items()}
 
 
 def attack(model, tokenizer, base, prompts: list[dict], steps: int) -> None:
@@ -55,13 +59,14 @@ def attack(model, tokenizer, base, prompts: list[dict], steps: int) -> None:
             attacked = torch.cat([prompt[0], embed(ids)])[None]
             plain = torch.cat([embed(seg.before), embed(seg.after), embed(ids)])[None]
         n, p, q = len(seg.target), prompt.shape[1], len(seg.before) + len(seg.after)
+        on_attacked, on_plain = cosines(model, base, attacked), cosines(model, base, plain)
         print(json.dumps({
             "prompt_id": row.get("id"), "target_loss": round(soft.best_loss, 4),
             "completion": tokenizer.decode(ids, skip_special_tokens=True)[:160],
-            "attacked_target": cosines(model, base, attacked, p, p + n),
-            "attacked_beyond": cosines(model, base, attacked, p + n, p + len(ids)),
-            "plain_target": cosines(model, base, plain, q, q + n),
-            "plain_beyond": cosines(model, base, plain, q + n, q + len(ids)),
+            "attacked_target": span(on_attacked, p, p + n),
+            "attacked_beyond": span(on_attacked, p + n, p + len(ids)),
+            "plain_target": span(on_plain, q, q + n),
+            "plain_beyond": span(on_plain, q + n, q + len(ids)),
         }), flush=True)
 
 

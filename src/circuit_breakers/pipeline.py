@@ -90,6 +90,11 @@ class Run:
     def digest(key: dict[str, Any]) -> str:
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+    @staticmethod
+    def plain(key: dict[str, Any]) -> dict[str, Any]:
+        """The key as JSON reads it back (what the ledger records)."""
+        return json.loads(json.dumps(key, default=str))
+
     def same(self, name: str, key: dict[str, Any]) -> bool:
         """Whether the recorded attempt at stage `name` had these settings. A model, data or training
         setting added by a later version and left at its default (which reproduces the old behaviour) does
@@ -102,7 +107,7 @@ class Run:
         digest = self.digest(key)
         if entry.get("key") == digest:
             return True
-        settings, plain = entry.get("settings"), json.loads(json.dumps(key, default=str))
+        settings, plain = entry.get("settings"), self.plain(key)
         if isinstance(settings, dict) and with_new_defaults(settings, plain) == plain:
             self._save(name, {**entry, "key": digest, "settings": plain})
             return True
@@ -110,13 +115,12 @@ class Run:
 
     def stage(self, stage: Stage) -> bool:
         """Run `stage` unless a finished run with the same key is recorded; True if it ran."""
-        entry = self.ledger.get(stage.name)
-        if not self.invalidated and entry and self.same(stage.name, stage.key) and self.ledger[stage.name].get("done"):
-            logger.info("stage %s: cached (%.0f s when it ran)", stage.name, entry.get("seconds", 0))
+        if not self.invalidated and self.same(stage.name, stage.key) and self.ledger[stage.name].get("done"):
+            logger.info("stage %s: cached (%.0f s when it ran)", stage.name, self.ledger[stage.name].get("seconds", 0))
             return False
         self.invalidated = True  # everything after a re-run stage runs again
         logger.info("stage %s: running", stage.name)
-        record = {"key": self.digest(stage.key), "settings": json.loads(json.dumps(stage.key, default=str))}
+        record = {"key": self.digest(stage.key), "settings": self.plain(stage.key)}
         self._save(stage.name, {**record, "done": False})  # an interrupted attempt is recognised later
         start = time.time()
         stage.fn()

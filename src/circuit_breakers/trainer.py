@@ -368,8 +368,9 @@ class CircuitBreakerTrainer(Trainer):
         ids, attn, m_cb = ids[rows], attn[rows], m_cb[rows]  # only circuit-breaker rows: retain rows stay clean
         clean = frozen[args.lat_layer][rows]
         movable = (attn > 0) & ((m_cb == 0) if args.lat_positions == "prompt" else True)
-        radius = args.lat_epsilon * clean.float().norm(dim=-1, keepdim=True) * movable[..., None]
-        step = args.lat_step_size * clean.float().norm(dim=-1, keepdim=True) * movable[..., None] / clean.shape[-1] ** 0.5
+        scale = clean.float().norm(dim=-1, keepdim=True) * movable[..., None]  # 0 where the adversary may not move
+        radius = args.lat_epsilon * scale
+        step = args.lat_step_size * scale / clean.shape[-1] ** 0.5  # per coordinate: L2 size lat_step_size x norm
         delta = torch.zeros_like(clean, dtype=torch.float32, requires_grad=True)
         best, best_value = torch.zeros_like(delta), torch.full((len(rows),), float("-inf"), device=delta.device)
         frozen_cb = stacked(frozen, self.target_layers)[:, rows]
