@@ -18,7 +18,10 @@ import argparse
 import json
 from pathlib import Path
 
+from typing import Sequence
+
 import torch
+from torch import nn
 
 from circuit_breakers.data.batching import pad_examples
 from circuit_breakers.data.records import read_records
@@ -31,7 +34,8 @@ LAYERS = (5, 10, 15, 20)
 
 
 @torch.no_grad()
-def layer_cosines(model, base, examples, pad: int, layers=LAYERS, batch_size: int = 8) -> dict[int, float]:
+def layer_cosines(model: nn.Module, base: nn.Module, examples: Sequence, pad: int,
+                  layers: Sequence[int] = LAYERS, batch_size: int = 8) -> dict[int, float]:
     """{layer: mean cosine over the answer tokens} between `model` and `base` on the same input."""
     sums = dict.fromkeys(layers, 0.0)
     count = 0.0
@@ -53,21 +57,23 @@ def main() -> None:
     parser.add_argument("--sets", default="benign_eval,retain", help="record files under RUN/data (comma list)")
     parser.add_argument("--base", default="embedded", help="the base model the run trained from")
     parser.add_argument("--n", type=int, default=40, help="records per set")
+    parser.add_argument("--layers", default=",".join(map(str, LAYERS)), help="hidden-state indices (comma list)")
     args = parser.parse_args()
 
     base, tokenizer = load_model_and_tokenizer(args.base)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    layers = [int(x) for x in args.layers.split(",")]
     sets = {name: read_records(Path(args.run) / "data" / f"{name}.jsonl")[: args.n] for name in args.sets.split(",")}
+    rendered = {name: render_all(tokenizer, records, mask_mode="completion").examples for name, records in sets.items()}
     base_loss = {name: teacher_forced_loss(base, tokenizer, records).mean_loss for name, records in sets.items()}
     results: dict[str, dict] = {}
     for spec in args.model:
         name, path = spec.split("=", 1)
         model = load_model(path)
         for set_name, records in sets.items():
-            examples = render_all(tokenizer, records, mask_mode="completion").examples
             loss = teacher_forced_loss(model, tokenizer, records).mean_loss
             row = {"loss_change": loss / base_loss[set_name] - 1,
-                   "cosine": layer_cosines(model, base, examples, pad)}
+                   "cosine": layer_cosines(model, base, rendered[set_name], pad, layers)}
             results.setdefault(name, {})[set_name] = row
             cosines = "  ".join(f"L{layer} {value:.4f}" for layer, value in row["cosine"].items())
             print(f"{name:>12} {set_name:>12}  loss {row['loss_change']:+.1%}  {cosines}", flush=True)

@@ -41,6 +41,7 @@ def test_layer_cosines_locate_the_changed_block(bench):
     same = bench.layer_cosines(model, base, rows, tokenizer.pad_token_id, layers=(1, 2, 3, 4))
     assert all(value == pytest.approx(1.0, abs=1e-6) for value in same.values())
 
+    torch.manual_seed(0)
     with torch.no_grad():  # change block 2 (its output is hidden state 3)
         for p in model.model.layers[2].mlp.parameters():
             p.add_(torch.randn_like(p) * 0.5)
