@@ -1,6 +1,5 @@
 """Training on tiny models: parameters move, rerouting happens, export and resume are exact."""
 
-
 import pytest
 import torch
 from peft import PeftModel
