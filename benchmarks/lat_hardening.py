@@ -11,6 +11,9 @@ that only repeats "Sure, here's how to X" gives nothing away.
     .venv/bin/python benchmarks/lat_hardening.py --run runs/fresh --data_dir ../shared/data --out runs/lat/emb \
         --model vanilla=runs/fresh/train/merged --model hardened=runs/lat/hardened/merged [--n 20 --steps 100]
 
+`--offset 20 --out runs/lat/emb-2` attacks the next 20 prompts, so a second run widens the first one's set
+without redoing it (ASR over both = the mean of the two, the halves being the same size).
+
 Finished cells are kept in --out and reused (a model retrained into the same folder is evaluated again).
 """
 
@@ -61,13 +64,15 @@ def main() -> None:
     parser.add_argument("--model", action="append", required=True, help="NAME=PATH; repeat")
     parser.add_argument("--out", required=True)
     parser.add_argument("--n", type=int, default=20, help="held-out prompts attacked")
+    parser.add_argument("--offset", type=int, default=0,
+                        help="skip this many held-out prompts first (a later --out then extends an earlier one's set)")
     parser.add_argument("--steps", type=int, default=100, help="soft-prompt optimisation steps")
     parser.add_argument("--base", default="embedded", help="base model, for capability")
     args = parser.parse_args()
     run, out = Path(args.run), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     models = dict(m.split("=", 1) for m in args.model)
-    prompts = heldout_with_targets(run, args.data_dir, out)[: args.n]
+    prompts = heldout_with_targets(run, args.data_dir, out)[args.offset: args.offset + args.n]
     attack = make_attack("embedding", budget="default", steps=args.steps, restarts=1)
     result = evaluate_models(models, prompts, [attack, "direct"], judge="offline", max_new_tokens=40, batch_size=8,
                              out_dir=out, attack_budget="cpu")
@@ -80,7 +85,7 @@ def main() -> None:
             sample.attack_details.setdefault("target", next(p.target for p in prompts if p.id == sample.prompt_id))
     strict = beyond_target([s for s in result.samples if s.attack == "embedding"], make_judge("offline"))
     summary = {
-        "n_prompts": len(prompts), "steps": args.steps,
+        "n_prompts": len(prompts), "offset": args.offset, "steps": args.steps,
         "asr": {a: {m: r["value"] for m, r in per.items()} for a, per in result.metrics["asr"].items()},
         "asr_embedding_beyond_target": strict,
         "compliance_on_borderline": {m: r["compliance"]["value"] for m, r in capability.metrics["over_refusal"].items()},
