@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
@@ -99,3 +102,13 @@ def save_tiny(path: Path, arch: str = "llama", style: str = "chatml", layers: in
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """Import `benchmarks/<name>.py` (a script folder, not a package) so its helpers can be tested."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

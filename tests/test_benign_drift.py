@@ -2,27 +2,17 @@
 below 1 only from the first changed block on, counted over answer tokens only (padding and prompts
 do not change it)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from circuit_breakers.data.records import Record
 from circuit_breakers.data.render import render_all
-from helpers import make_model, make_tokenizer
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "benign_drift.py"
+from helpers import load_benchmark, make_model, make_tokenizer
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("benign_drift_benchmark", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("benign_drift")
 
 
 def examples(tokenizer):

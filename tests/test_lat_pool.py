@@ -1,23 +1,17 @@
 """benchmarks/lat_pool.py: readings pooled over two lat_hardening.py folders, a prompt broken if any of its
 variants is, the beyond-target reading weighted by each folder's prompts, paired counts on shared prompts."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "lat_pool.py"
+from helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("lat_pool_benchmark", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("lat_pool")
 
 
 def folder(path: Path, broken: dict[str, dict[str, list[bool]]], strict: dict[str, float], n: int) -> Path:
