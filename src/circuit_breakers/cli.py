@@ -101,6 +101,15 @@ def _relaunch(cmd: list[str]) -> int:
     return 128 - code if code < 0 else code
 
 
+def _leave_process_group() -> None:
+    """A launched worker leaves its process group before it exits. Left to interpreter shutdown, gloo's
+    threads can abort a finished worker ("terminate called without an active exception", once in CI)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _cmd_train(argv: list[str]) -> int:
     """train --config recipe.yaml [--any_field value ...] [--accelerate-config ddp|fsdp2|deepspeed_zero2|deepspeed_zero3|PATH]"""
     from .config import parse_config
@@ -131,6 +140,8 @@ def _cmd_train(argv: list[str]) -> int:
     except (CheckpointError, TrainingDiverged) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    finally:
+        _leave_process_group()
     if cb_cfg.process_index != 0:
         return 0
     console.print(f"[bold green]adapter[/] {result.adapter_dir}")
