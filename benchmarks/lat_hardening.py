@@ -12,7 +12,7 @@ that only repeats "Sure, here's how to X" gives nothing away.
         --model vanilla=runs/fresh/train/merged --model hardened=runs/lat/hardened/merged [--n 20 --steps 100]
 
 `--offset 20 --out runs/lat/emb-2` attacks the next 20 prompts, so a second run widens the first one's set
-without redoing it (ASR over both = the mean of the two, the halves being the same size).
+without redoing it; `benchmarks/lat_pool.py` pools such folders (paired against a reference model).
 
 Finished cells are kept in --out and reused (a model retrained into the same folder is evaluated again).
 """
