@@ -166,6 +166,19 @@ def test_paper_preset_stalls_and_the_detector_fires(tiny_dir, tmp_path, caplog):
     assert any("rerouting has not started" in r.message for r in caplog.records)
 
 
+def test_under_the_adversary_the_stall_warning_says_so(tiny_dir, tmp_path, caplog):
+    """RR + LAT logs the cosine on the adversary's shifted rows, where a stall can also mean the adversary
+    undoes rerouting every step (which can erase the circuit breaker): the warning must say that."""
+    m, d, c = config(tiny_dir, tmp_path / "paper-lat", "--config", "paper", "--max_steps", "6", "--stall_check_steps",
+                     "4", "--merge", "false", "--lat_epsilon", "0.5", "--lat_steps", "2")
+    with caplog.at_level("WARNING", logger="circuit_breakers"):
+        result = train(m, d, c, *records())
+    assert result.summary["rerouted"] is False and result.summary["stall_warning"] is True
+    messages = [r.message for r in caplog.records]
+    assert any("does not hold under the adversary" in text for text in messages), messages
+    assert not any("rerouting has not started" in text for text in messages)
+
+
 def test_chosen_default_reroutes_without_warning(tiny_dir, tmp_path, caplog):
     m, d, c = config(tiny_dir, tmp_path / "chosen", *CHOSEN, "--stall_check_steps", "4", "--merge", "false")
     with caplog.at_level("WARNING", logger="circuit_breakers"):

@@ -604,6 +604,17 @@ class CircuitBreakerTrainer(Trainer):
             self.stall_warned = True
             if not self.is_world_process_zero():
                 return
+            if self.args.lat_epsilon > 0:  # the logged cosine is on the adversary's shifted rows
+                logger.warning(
+                    "rerouting does not hold under the adversary (RR + LAT): cosine on the shifted circuit-breaker "
+                    "rows %.4f -> %.4f after %d steps. Either rerouting never started, or the adversary undoes it "
+                    "every step; trained on, such a run can lose the circuit breaker instead of hardening it (on "
+                    "the embedded model: direct-request ASR 0%% -> 65%%, docs/extensions.md). Levers: a smaller "
+                    "lat_step_size or lat_steps, lat_layer 0, a lower retain_weight, or continue an adapter that "
+                    "already reroutes (init_adapter).",
+                    start, cos_now, step,
+                )
+                return
             logger.warning(
                 "rerouting has not started: cosine on rerouted tokens %.4f -> %.4f after %d steps. At the start "
                 "adapted == frozen, where the cosine's gradient is zero; zero-initialised lora_B keeps it there "
