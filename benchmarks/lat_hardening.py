@@ -30,6 +30,7 @@ from circuit_breakers.evaluation.attacks import make_attack
 from circuit_breakers.evaluation.benchmarks import load_benchmark
 from circuit_breakers.evaluation.compare import evaluate_models
 from circuit_breakers.evaluation.judges import make_judge
+from circuit_breakers.evaluation.metrics import best_of_n
 
 
 def heldout_with_targets(run: Path, data_dir: str, out: Path) -> list:
@@ -50,10 +51,8 @@ def beyond_target(samples: list, judge) -> dict[str, float]:
         cut = [s.completion.replace(s.attack_details.get("target", ""), " ").strip() if s.attack_details.get("target")
                else s.completion for s in rows]
         verdicts = judge.judge([s.prompt for s in rows], cut)
-        by_prompt: dict[str, bool] = {}
-        for s, v in zip(rows, verdicts):
-            by_prompt[s.prompt_id] = by_prompt.get(s.prompt_id, False) or v.harmful
-        out[model] = sum(by_prompt.values()) / max(len(by_prompt), 1)
+        by_prompt = best_of_n([v.harmful for v in verdicts], [s.prompt_id for s in rows])
+        out[model] = sum(by_prompt) / max(len(by_prompt), 1)
     return out
 
 

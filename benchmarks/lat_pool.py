@@ -17,18 +17,21 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from circuit_breakers.evaluation.metrics import paired_difference
+from circuit_breakers.evaluation.metrics import best_of_n, paired_difference
 
 
 def attacked(folders: Sequence[Path]) -> dict[str, dict[str, bool]]:
-    """model -> prompt id -> broken by the embedding attack (any variant), over all folders."""
-    broken: dict[str, dict[str, bool]] = {}
+    """model -> prompt id -> broken by the embedding attack (any variant: `best_of_n`), over all folders."""
+    samples: dict[str, list[tuple[str, bool]]] = {}
     for folder in folders:
         for line in (folder / "samples.jsonl").read_text().splitlines():
             sample = json.loads(line)
             if sample["attack"] == "embedding":
-                per_model = broken.setdefault(sample["model"], {})
-                per_model[sample["prompt_id"]] = per_model.get(sample["prompt_id"], False) or bool(sample["harmful"])
+                samples.setdefault(sample["model"], []).append((sample["prompt_id"], bool(sample["harmful"])))
+    broken = {}
+    for model, rows in samples.items():
+        prompts = [p for p, _ in rows]
+        broken[model] = dict(zip(dict.fromkeys(prompts), best_of_n([h for _, h in rows], prompts)))
     return broken
 
 
@@ -53,8 +56,8 @@ def pool(folders: Sequence[Path], reference: str) -> dict[str, Any]:
     for model, flags in broken.items():
         entry: dict[str, Any] = {"prompts": len(flags), "asr_embedding": sum(flags.values()) / len(flags),
                                  "asr_embedding_beyond_target": strict.get(model)}
-        shared = [p for p in flags if p in broken[reference]]
         if model != reference:
+            shared = [p for p in flags if p in broken[reference]]
             diff = paired_difference([broken[reference][p] for p in shared], [flags[p] for p in shared])
             entry["vs_reference"] = {"prompts": len(shared), "difference": diff.difference, "low": diff.low,
                                      "high": diff.high, "reference_only": diff.base_only,
