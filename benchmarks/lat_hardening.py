@@ -6,7 +6,9 @@ the model to say. Each model is attacked white-box (signed-gradient soft prompt,
 evaluation/attacks/embedding.py) and judged by the offline judge; also direct requests, and capability
 (teacher-forced loss on held-out benign answers, compliance on borderline-safe prompts) against the
 base model. A stricter reading judges only what a completion says beyond the forced target: an answer
-that only repeats "Sure, here's how to X" gives nothing away.
+that only repeats "Sure, here's how to X" gives nothing away. Compliance is read a second time with text
+appended to each borderline prompt at the attack's slot (`--suffix_text`, default the suffix adversary's
+placeholder text): a model hardened by `lat_positions: suffix` must not simply break on whatever sits there.
 
     .venv/bin/python benchmarks/lat_hardening.py --run runs/fresh --data_dir ../shared/data --out runs/lat/emb \
         --model vanilla=runs/fresh/train/merged --model hardened=runs/lat/hardened/merged [--n 20 --steps 100]
@@ -24,6 +26,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from circuit_breakers.config import CircuitBreakerConfig
 from circuit_breakers.data.loaders import read_prompts, write_prompts
 from circuit_breakers.data.records import read_records
 from circuit_breakers.evaluation.attacks import make_attack
@@ -31,6 +34,9 @@ from circuit_breakers.evaluation.benchmarks import load_benchmark
 from circuit_breakers.evaluation.compare import evaluate_models
 from circuit_breakers.evaluation.judges import make_judge
 from circuit_breakers.evaluation.metrics import best_of_n
+
+
+SUFFIX_INIT = CircuitBreakerConfig.__dataclass_fields__["lat_suffix_init"].default
 
 
 def heldout_with_targets(run: Path, data_dir: str, out: Path) -> list:
@@ -66,28 +72,40 @@ def main() -> None:
     parser.add_argument("--offset", type=int, default=0,
                         help="skip this many held-out prompts first (a later --out then extends an earlier one's set)")
     parser.add_argument("--steps", type=int, default=100, help="soft-prompt optimisation steps")
+    parser.add_argument("--restarts", type=int, default=1,
+                        help="attack samples per prompt (restart r > 0 starts from noise around the init); a prompt "
+                             "counts as broken if any is")
     parser.add_argument("--base", default="embedded", help="base model, for capability")
+    parser.add_argument("--suffix_text", default=SUFFIX_INIT,
+                        help="text appended to the borderline prompts for a second compliance reading (default: "
+                             "lat_positions=suffix's training placeholder text): a model that learned to break on "
+                             "anything at the attack's slot, not on harmful content, shows it there")
     args = parser.parse_args()
     run, out = Path(args.run), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     models = dict(m.split("=", 1) for m in args.model)
     prompts = heldout_with_targets(run, args.data_dir, out)[args.offset: args.offset + args.n]
-    attack = make_attack("embedding", budget="default", steps=args.steps, restarts=1)
+    attack = make_attack("embedding", budget="default", steps=args.steps, restarts=args.restarts)
     result = evaluate_models(models, prompts, [attack, "direct"], judge="offline", max_new_tokens=40, batch_size=8,
                              out_dir=out, attack_budget="cpu")
     capability = evaluate_models({"base": args.base, **models}, [], [], judge="offline",
                                  benign=read_records(run / "data" / "benign_eval.jsonl"),
                                  safe_prompts=read_prompts(run / "data" / "borderline_eval.jsonl"),
                                  max_new_tokens=40, batch_size=16, out_dir=out / "capability")
+    suffixed = [replace(p, text=f"{p.text} {args.suffix_text}") for p in read_prompts(run / "data" / "borderline_eval.jsonl")]
+    with_suffix = evaluate_models({"base": args.base, **models}, [], [], judge="offline", safe_prompts=suffixed,
+                                  max_new_tokens=40, batch_size=16, out_dir=out / "capability-suffixed")
     for sample in result.samples:  # the target each embedding sample was attacked towards
         if sample.attack == "embedding":
             sample.attack_details.setdefault("target", next(p.target for p in prompts if p.id == sample.prompt_id))
     strict = beyond_target([s for s in result.samples if s.attack == "embedding"], make_judge("offline"))
     summary = {
-        "n_prompts": len(prompts), "offset": args.offset, "steps": args.steps,
+        "n_prompts": len(prompts), "offset": args.offset, "steps": args.steps, "restarts": args.restarts,
         "asr": {a: {m: r["value"] for m, r in per.items()} for a, per in result.metrics["asr"].items()},
         "asr_embedding_beyond_target": strict,
         "compliance_on_borderline": {m: r["compliance"]["value"] for m, r in capability.metrics["over_refusal"].items()},
+        "compliance_on_borderline_with_suffix": {m: r["compliance"]["value"]
+                                                 for m, r in with_suffix.metrics["over_refusal"].items()},
         "benign_loss_change": {m: c.get("value") for m, c in capability.metrics.get("capability_change", {}).items()},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -130,3 +130,76 @@ def test_prompt_only_adversary_leaves_the_completion_tokens_alone(tmp_path):
     assert norms[m_cb > 0].abs().max() == 0  # completion tokens untouched
     prompt = (attn[:3] > 0) & (m_cb[:3] == 0)
     assert (norms[:3][prompt] > 0).float().mean() > 0.9  # the prompt tokens moved
+
+
+def test_insert_slots_puts_the_suffix_before_the_end_of_the_user_turn():
+    """Circuit-breaker rows get the placeholders right before the last end of a user turn (where the embedding
+    attack's soft prompt sits), outside both loss masks; retain rows are only padded."""
+    from circuit_breakers.trainer import insert_slots
+
+    ids = torch.tensor([[5, 7, 8, 6, 7, 8, 30, 31, 0], [5, 40, 7, 8, 41, 42, 0, 0, 0]])
+    attn = (ids > 0).long()
+    cb = torch.tensor([[0, 0, 0, 0, 0, 0, 1, 1, 0], [0] * 9])
+    retain = torch.tensor([[0] * 9, [0, 0, 0, 0, 1, 1, 0, 0, 0]])
+    out, slots = insert_slots({"input_ids": ids, "attention_mask": attn, "cb_mask": cb, "retain_mask": retain},
+                              torch.tensor([90, 91]), torch.tensor([7, 8]), pad_id=0)
+    assert out["input_ids"].tolist() == [[5, 7, 8, 6, 90, 91, 7, 8, 30, 31, 0], [5, 40, 7, 8, 41, 42, 0, 0, 0, 0, 0]]
+    assert out["attention_mask"].tolist() == [[1] * 10 + [0], [1] * 6 + [0] * 5]
+    assert out["cb_mask"].tolist() == [[0] * 8 + [1, 1, 0], [0] * 11]
+    assert out["retain_mask"].tolist() == [[0] * 11, [0, 0, 0, 0, 1, 1] + [0] * 5]
+    assert slots.nonzero().tolist() == [[0, 4], [0, 5]]
+    with pytest.raises(ConfigError, match="no end of a user turn"):
+        insert_slots({"input_ids": ids, "attention_mask": attn, "cb_mask": cb, "retain_mask": retain},
+                     torch.tensor([90]), torch.tensor([8, 7]), pad_id=0)
+
+
+def suffix_batch():
+    """`batch()` with an end of user turn (ids 1, 2) planted before each circuit-breaker row's completion."""
+    from circuit_breakers.trainer import insert_slots
+
+    inputs = batch()
+    for row in range(3):
+        start = int(inputs["cb_mask"][row].nonzero()[0])
+        inputs["input_ids"][row, start - 2:start] = torch.tensor([1, 2])
+    return insert_slots(inputs, torch.tensor([50, 51, 52]), torch.tensor([1, 2]), pad_id=0)
+
+
+def test_suffix_adversary_moves_one_shared_suffix_that_persists_and_raises_the_cosine(tmp_path):
+    trainer, model = trainer_for(tmp_path, 0, lat_epsilon=2.0, lat_steps=3, lat_positions="suffix", lat_step_size=0.25)
+    trainer._slot_tokens = (torch.tensor([50, 51, 52]), torch.tensor([1, 2]))
+    rerouted(model)
+    inputs, slots = suffix_batch()
+    ids, attn, m_cb = inputs["input_ids"], inputs["attention_mask"], inputs["cb_mask"] * inputs["attention_mask"]
+    frozen = trainer._frozen_states(model, ids, attn)
+    delta = trainer._suffix_adversary(model, ids, attn, m_cb, slots, frozen, None)
+    assert all(p.grad is None for p in model.parameters())  # the adversary trains nothing
+    moved = delta.norm(dim=-1) > 0
+    assert (moved <= slots).all() and moved[:3].any() and not moved[3:].any()  # only the slots of cb rows
+    embed = model.get_input_embeddings()
+    origin = embed(torch.tensor([50, 51, 52])).detach()
+    unit = float(embed.weight.pow(2).mean().sqrt()) * origin.shape[-1] ** 0.5
+    first = trainer.lat_suffix.clone()
+    assert ((first - origin).norm(dim=-1) <= 2.0 * unit + 1e-4).all()
+    # 3 signed steps of 0.25 x the embedding rms per coordinate, none clipped at this radius: each coordinate
+    # moved by 1 or 3 steps (a sign flip undoes one), and some by 3
+    steps = ((first - origin) / (0.25 * unit / origin.shape[-1] ** 0.5)).abs()
+    assert torch.allclose(steps, steps.round(), atol=1e-3) and set(steps.round().unique().tolist()) == {1.0, 3.0}
+    rows_shift = delta[:3][slots[:3]].view(3, 3, -1)
+    assert torch.equal(rows_shift[0], rows_shift[1]) or torch.equal(rows_shift[0], rows_shift[2]) or \
+        torch.equal(rows_shift[1], rows_shift[2])  # one suffix for all rows (each row keeps its best state)
+
+    def cosine(d):
+        with torch.no_grad():
+            return float(trainer._row_cosines(model, ids[:3], attn[:3], m_cb[:3], stacked(frozen, [2, 4])[:, :3], None,
+                                              None if d is None else d[:3]).mean())
+
+    assert cosine(delta) > cosine(None) + 1e-3
+    trainer._suffix_adversary(model, ids, attn, m_cb, slots, frozen, None)
+    assert not torch.equal(trainer.lat_suffix, first)  # kept and moved on, not restarted
+    assert ((trainer.lat_suffix - first).abs().amax() > 0.7 * unit / origin.shape[-1] ** 0.5)
+
+
+def test_suffix_mode_needs_the_input_embeddings(tmp_path):
+    with pytest.raises(ConfigError, match="lat_layer 0"):
+        CircuitBreakerConfig(output_dir=str(tmp_path), lat_epsilon=1, lat_positions="suffix", lat_layer=2,
+                             use_cpu=True, report_to="none")

@@ -94,8 +94,10 @@ def losses_of(result):
 
 
 @pytest.mark.parametrize("extra", [[], ["--layer_weights", "learned", "--layer_weight_lr", "0.2"],
-                                   ["--lat_epsilon", "0.3", "--lat_steps", "2", "--lat_layer", "1"]],
-                         ids=["plain", "learned_layer_weights", "lat"])
+                                   ["--lat_epsilon", "0.3", "--lat_steps", "2", "--lat_layer", "1"],
+                                   ["--lat_epsilon", "2", "--lat_steps", "2", "--lat_positions", "suffix",
+                                    "--lat_suffix_init", "x x x", "--lat_step_size", "0.2"]],
+                         ids=["plain", "learned_layer_weights", "lat", "lat_suffix"])
 def test_resume_reproduces_uninterrupted_loss_sequence(tiny_dir, tmp_path, extra):
     m, d, c = config(tiny_dir, tmp_path / "full", *CHOSEN, *extra, "--merge", "false")
     uninterrupted = train(m, d, c, *records())
@@ -115,6 +117,8 @@ def test_resume_reproduces_uninterrupted_loss_sequence(tiny_dir, tmp_path, extra
     resumed = losses_of(result)
     assert [s for s, _ in resumed] == list(range(1, 9))  # steps 1-6 come from the checkpoint's state
     assert resumed == full
+    if "suffix" in extra:  # the universal soft suffix was checkpointed (else the resumed losses would differ)
+        assert (tmp_path / "part" / "checkpoint-6" / "lat_suffix.safetensors").is_file()
     if "learned" in extra:  # the logits left uniform, were checkpointed and came back
         weights = uninterrupted.summary["layer_weights"]
         assert set(weights) == {"2", "4"} and sum(weights.values()) == pytest.approx(1.0)

@@ -147,10 +147,18 @@ class CircuitBreakerConfig(TrainingArguments):
         metadata={"help": "Size of one adversary step (signed gradient, as the embedding attack takes), as the step's "
                           "L2 norm relative to the token's own norm."},
     )
-    lat_positions: Literal["all", "prompt"] = field(
+    lat_positions: Literal["all", "prompt", "suffix"] = field(
         default="all",
-        metadata={"help": "Tokens the adversary may shift: all (prompt and completion) or prompt (those outside the "
-                          "rerouting mask, as an attacker who controls only the input)."},
+        metadata={"help": "Tokens the adversary may shift: all (prompt and completion), prompt (those outside the "
+                          "rerouting mask, as an attacker who controls only the input) or suffix (a soft suffix of its "
+                          "own at the end of the user turn, where the embedding attack puts its soft prompt: one "
+                          "universal suffix kept across steps, lat_epsilon typical token norms from lat_suffix_init; "
+                          "needs lat_layer 0)."},
+    )
+    lat_suffix_init: str = field(
+        default=" ".join(["x"] * 20),
+        metadata={"help": "lat_positions=suffix: the text whose token embeddings start the soft suffix (its token count "
+                          "is the suffix length). Deliberately not the embedding attack's own starting text."},
     )
     stall_check_steps: int = field(default=20, metadata={"help": "Warn if rerouting has not started after this many steps (0: off)."})
     stall_margin: float = field(default=0.05, metadata={"help": "Fall of the rerouting cosine below 1 (adapted == frozen) that counts as rerouting."})
@@ -167,11 +175,13 @@ class CircuitBreakerConfig(TrainingArguments):
             raise ConfigError("alpha must be non-negative")
         if self.lat_epsilon < 0 or self.lat_steps < 1 or self.lat_layer < 0 or self.lat_step_size <= 0:
             raise ConfigError("lat_epsilon must be >= 0, lat_steps >= 1, lat_step_size > 0 and lat_layer >= 0")
+        if self.lat_positions == "suffix" and self.lat_layer != 0:
+            raise ConfigError("lat_positions=suffix inserts soft tokens into the input: it needs lat_layer 0")
         if self.max_chunk_tokens < 0:
             raise ConfigError("max_chunk_tokens must be 0 (no chunks) or positive")
         for name, allowed in (("schedule", ("dual", "cosine", "single")), ("representation", ("raw", "centered", "no_outliers")),
                               ("retain_distance", ("l2", "relative", "relative_squared")),
-                              ("layer_weights", ("uniform", "learned")), ("lat_positions", ("all", "prompt"))):
+                              ("layer_weights", ("uniform", "learned")), ("lat_positions", ("all", "prompt", "suffix"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
 

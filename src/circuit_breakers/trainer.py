@@ -34,6 +34,11 @@ LAYER_WEIGHTS_FILE = "layer_weights.safetensors"
 """The learned layer-weight logits, saved in each checkpoint beside the adapter (layer_weights=learned)."""
 
 
+LAT_SUFFIX_FILE = "lat_suffix.safetensors"
+"""RR + LAT's universal soft suffix (lat_positions=suffix), saved in each checkpoint so a resumed run goes on
+with the adversary it had."""
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf; training stopped and the last good checkpoint is kept."""
 
@@ -95,10 +100,15 @@ class CircuitBreakerTrainer(Trainer):
                               "DDP, not FSDP or DeepSpeed")
         if lat and not 0 <= self.args.lat_layer < max(self.target_layers):
             raise ConfigError(f"lat_layer {self.args.lat_layer} must lie below the deepest target layer {max(self.target_layers)}")
+        if lat and self.args.lat_positions == "suffix" and self.accelerator.num_processes > 1 and self.args.max_chunk_tokens > 0:
+            raise ConfigError("lat_positions=suffix on several processes moves one shared suffix in step on all of them: "
+                              "run whole batches (--max_chunk_tokens 0), as chunk counts differ between processes")
         self.layer_logits: nn.Parameter | None = None
         if self.args.layer_weights == "learned":  # softmax weights over target_layers, trained with the adapters
             self.layer_logits = nn.Parameter(torch.zeros(len(self.target_layers), device=self.args.device))
         self.outlier_dims: list[int] | None = None
+        self.lat_suffix: Tensor | None = None  # [k, H] float32: the universal soft suffix (lat_positions=suffix)
+        self._slot_tokens: tuple[Tensor, Tensor] | None = None  # (suffix init ids, end-of-user-turn ids)
         self.loss_is_scaled_for_ga = False  # our loss is a per-batch mean: let Trainer divide by GA steps
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self.cosine_history: list[tuple[int, float, float]] = []  # (step, rerouting cos, retain cos)
@@ -163,6 +173,11 @@ class CircuitBreakerTrainer(Trainer):
 
             save_file({"logits": self.layer_logits.detach().cpu().contiguous()},
                       os.path.join(output_dir or str(self.args.output_dir), LAYER_WEIGHTS_FILE))
+        if self.lat_suffix is not None:
+            from safetensors.torch import save_file
+
+            save_file({"suffix": self.lat_suffix.detach().cpu().contiguous()},
+                      os.path.join(output_dir or str(self.args.output_dir), LAT_SUFFIX_FILE))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -172,6 +187,11 @@ class CircuitBreakerTrainer(Trainer):
 
             with torch.no_grad():
                 self.layer_logits.copy_(load_file(str(path))["logits"].to(self.layer_logits.device))
+        path = Path(resume_from_checkpoint, LAT_SUFFIX_FILE)
+        if self.args.lat_epsilon > 0 and self.args.lat_positions == "suffix" and path.is_file():
+            from safetensors.torch import load_file
+
+            self.lat_suffix = load_file(str(path))["suffix"].to(self.args.device)
 
     # --- sampling -------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
@@ -271,12 +291,18 @@ class CircuitBreakerTrainer(Trainer):
         the global scaling across devices) is computed from the frozen passes before any adapted one.
         """
         args = self.args
+        slots = None
+        if args.lat_epsilon > 0 and args.lat_positions == "suffix":
+            suffix_ids, turn_end = self._suffix_tokens(inputs["input_ids"].device)
+            inputs, slots = insert_slots(inputs, suffix_ids, turn_end, self._pad_id())
+            groups = [(rows, width + len(suffix_ids)) for rows, width in groups] if groups else None
         attention_mask = inputs["attention_mask"]
         cb_mask = inputs["cb_mask"] * attention_mask
         retain_mask = inputs["retain_mask"] * attention_mask
-        chunks = [_take(rows, width, inputs["input_ids"], attention_mask, cb_mask, retain_mask)
+        slot_mask = slots if slots is not None else attention_mask  # without a suffix: a stand-in, never read
+        chunks = [_take(rows, width, inputs["input_ids"], attention_mask, cb_mask, retain_mask, slot_mask)
                   for rows, width in (groups or [(None, None)])]
-        frozen = [self._frozen_states(model, ids, attn) for ids, attn, _, _ in chunks]
+        frozen = [self._frozen_states(model, ids, attn) for ids, attn, *_ in chunks]
 
         distributed = self.accelerator.num_processes > 1
         n_target, n_retain = len(self.target_layers), len(self.retain_layers)
@@ -300,10 +326,14 @@ class CircuitBreakerTrainer(Trainer):
         )
         stats: dict[str, Tensor] = defaultdict(lambda: torch.zeros(()))
         total = torch.zeros((), device=attention_mask.device)
-        for i, ((ids, attn, m_cb, m_retain), frozen_i) in enumerate(zip(chunks, frozen)):
+        for i, ((ids, attn, m_cb, m_retain, slot_i), frozen_i) in enumerate(zip(chunks, frozen)):
             last = i == len(chunks) - 1
             sync = nullcontext() if last or not distributed or backward is None else self.accelerator.no_sync(model)
-            delta = self._adversary(model, ids, attn, m_cb, frozen_i, center) if args.lat_epsilon > 0 else None
+            delta = None
+            if slots is not None:
+                delta = self._suffix_adversary(model, ids, attn, m_cb, slot_i.bool(), frozen_i, center)
+            elif args.lat_epsilon > 0:
+                delta = self._adversary(model, ids, attn, m_cb, frozen_i, center)
             with sync, perturbed(model, args.lat_layer, delta):
                 adapted = hidden_states(model, ids, attn, self.capture_layers, self._through(model))
                 frozen_cb, adapted_cb = stacked(frozen_i, self.target_layers), stacked(adapted, self.target_layers)
@@ -374,16 +404,8 @@ class CircuitBreakerTrainer(Trainer):
         delta = torch.zeros_like(clean, dtype=torch.float32, requires_grad=True)
         best, best_value = torch.zeros_like(delta), torch.full((len(rows),), float("-inf"), device=delta.device)
         frozen_cb = stacked(frozen, self.target_layers)[:, rows]
-        weights = m_cb.float()[None]  # [1, b, T]
         for _ in range(args.lat_steps):
-            with perturbed(net, args.lat_layer, delta.to(clean.dtype)):
-                adapted_cb = stacked(hidden_states(net, ids, attn, self.target_layers), self.target_layers)
-            if center is not None:
-                a, f = adapted_cb - center, frozen_cb - center
-            else:
-                a, f = losses.for_cosine(adapted_cb, frozen_cb, m_cb, args.representation, self.outlier_dims or ())
-            cos = torch.nn.functional.cosine_similarity(a.float(), f.float(), dim=-1)  # [L, b, T]
-            per_row = (cos * weights).sum(dim=(0, 2)) / (weights.sum(dim=(0, 2)) * cos.shape[0]).clamp_min(1.0)
+            per_row = self._row_cosines(net, ids, attn, m_cb, frozen_cb, center, delta.to(clean.dtype))
             (grad,) = torch.autograd.grad(per_row.sum(), [delta])
             with torch.no_grad():  # each row keeps its own best (before rerouting: no shift at all)
                 better = per_row.detach() > best_value
@@ -396,10 +418,103 @@ class CircuitBreakerTrainer(Trainer):
         full[rows] = best.to(full.dtype)
         return full
 
+    def _row_cosines(self, net: nn.Module, ids: Tensor, attn: Tensor, m_cb: Tensor, frozen_cb: Tensor,
+                     center: Tensor | None, delta: Tensor) -> Tensor:
+        """[b]: each row's mean rerouting cosine (adapted, shifted by `delta` at lat_layer, vs frozen) over its
+        masked tokens and the target layers, in the representation the loss sees: what the adversary raises."""
+        args = self.args
+        with perturbed(net, args.lat_layer, delta):
+            adapted_cb = stacked(hidden_states(net, ids, attn, self.target_layers), self.target_layers)
+        if center is not None:
+            a, f = adapted_cb - center, frozen_cb - center
+        else:
+            a, f = losses.for_cosine(adapted_cb, frozen_cb, m_cb, args.representation, self.outlier_dims or ())
+        cos = torch.nn.functional.cosine_similarity(a.float(), f.float(), dim=-1)  # [L, b, T]
+        weights = m_cb.float()[None]  # [1, b, T]
+        return (cos * weights).sum(dim=(0, 2)) / (weights.sum(dim=(0, 2)) * cos.shape[0]).clamp_min(1.0)
+
+    def _suffix_tokens(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(ids of lat_suffix_init, ids the chat template writes between the user's text and the answer):
+        the soft suffix's placeholders and the sequence it is inserted before (its last token dropped, as
+        it may merge with the answer's first characters)."""
+        if self._slot_tokens is None:
+            from .evaluation.attacks.base import split_at_slot
+            from .evaluation.attacks.loss import encode
+
+            tokenizer = self.processing_class
+            if tokenizer is None:
+                raise ConfigError("lat_positions=suffix needs the tokenizer (processing_class) to find the user turn's end")
+            suffix = encode(tokenizer, self.args.lat_suffix_init)
+            _, after = split_at_slot(tokenizer, [{"role": "user", "content": "Hello"}])
+            turn_end = encode(tokenizer, after)
+            if not suffix or not turn_end:
+                raise ConfigError("lat_suffix_init and the chat template's generation prompt must each give tokens")
+            self._slot_tokens = (torch.tensor(suffix), torch.tensor(turn_end[:max(1, len(turn_end) - 1)]))
+        return tuple(t.to(device) for t in self._slot_tokens)  # type: ignore[return-value]
+
+    def _pad_id(self) -> int:
+        pad = getattr(self.processing_class, "pad_token_id", None)
+        return int(pad) if pad is not None else 0
+
+    def _suffix_adversary(self, model: nn.Module, ids: Tensor, attn: Tensor, m_cb: Tensor, slots: Tensor,
+                          frozen: dict[int, Tensor], center: Tensor | None) -> Tensor | None:
+        """RR + LAT shaped like the embedding attack (lat_positions=suffix): the circuit-breaker rows carry
+        the placeholder tokens of a soft suffix at the end of the user turn (`insert_slots`), and the
+        adversary moves one universal suffix, shared by every row and kept from step to step, so that its
+        `lat_steps` signed steps per training step add up, over a run, to an attack as long as the
+        evaluation's (100 steps) instead of starting from nothing each step. Steps and radius are in units of
+        the typical token-embedding norm (per coordinate: lat_step_size x the embedding matrix's rms, the
+        attack's rule); the suffix stays within lat_epsilon such norms of its starting embeddings, per
+        token. It ascends the mean rerouting cosine of the step's rows (gradients averaged over devices);
+        each row is then trained on the suffix state with its highest cosine among those evaluated.
+        Runs on the unwrapped model and touches no parameter's gradient."""
+        args = self.args
+        rows = (m_cb > 0).any(dim=1).nonzero().flatten()
+        if len(rows) == 0:
+            return None
+        net = self.accelerator.unwrap_model(model)
+        embed = net.get_input_embeddings()
+        suffix_ids, _ = self._suffix_tokens(ids.device)
+        k, hidden = len(suffix_ids), embed.weight.shape[-1]
+        with torch.no_grad():
+            origin = embed(suffix_ids).float()  # the placeholders' own embeddings: what the frozen pass read
+            unit = float(embed.weight.float().pow(2).mean().sqrt()) * hidden ** 0.5  # typical token norm
+        if self.lat_suffix is None:
+            self.lat_suffix = origin.clone()
+        ids, attn, m_cb, slots = ids[rows], attn[rows], m_cb[rows], slots[rows]
+        if not bool((slots.sum(dim=1) == k).all()):
+            raise RuntimeError("every circuit-breaker row must carry the whole soft suffix")
+        where = slots.nonzero()[:, 1].view(len(rows), k)[..., None].expand(len(rows), k, hidden)
+        frozen_cb = stacked(frozen, self.target_layers)[:, rows]
+        dtype = frozen[0].dtype
+        suffix = self.lat_suffix.detach().clone().requires_grad_(True)
+        best = torch.zeros(len(rows), ids.shape[1], hidden, device=ids.device)
+        best_value = torch.full((len(rows),), float("-inf"), device=ids.device)
+        for _ in range(args.lat_steps):
+            shift = (suffix - origin).unsqueeze(0).expand(len(rows), k, hidden)
+            delta = torch.zeros_like(best).scatter(1, where, shift)
+            per_row = self._row_cosines(net, ids, attn, m_cb, frozen_cb, center, delta.to(dtype))
+            (grad,) = torch.autograd.grad(per_row.mean(), [suffix])
+            if self.accelerator.num_processes > 1:
+                grad = self.accelerator.reduce(grad.contiguous(), reduction="mean")
+            with torch.no_grad():
+                better = per_row.detach() > best_value
+                best[better] = delta.detach()[better]
+                best_value = torch.maximum(best_value, per_row.detach())
+                suffix += args.lat_step_size * unit / hidden ** 0.5 * grad.sign()
+                offset = suffix - origin
+                norm = offset.norm(dim=-1, keepdim=True)
+                radius = args.lat_epsilon * unit
+                suffix.copy_(origin + offset * torch.where(norm > radius, radius / norm.clamp_min(1e-12), 1.0))
+        self.lat_suffix = suffix.detach()
+        full = torch.zeros_like(frozen[args.lat_layer])
+        full[rows] = best.to(dtype)
+        return full
+
     def _center(self, frozen: list[dict[int, Tensor]], chunks: list[tuple[Tensor, ...]]) -> Tensor:
         """[L, 1, 1, H]: the frozen mean over the batch's masked circuit-breaker tokens (all devices)."""
         sums = []
-        for states, (_, _, m_cb, _) in zip(frozen, chunks):
+        for states, (_, _, m_cb, *_) in zip(frozen, chunks):
             f = stacked(states, self.target_layers)
             w = m_cb.to(f.dtype)[None, :, :, None]
             sums.append(torch.cat([(f * w).sum(dim=(1, 2)), w.sum(dim=(1, 2)).expand(f.shape[0], 1)], dim=-1))
@@ -412,7 +527,7 @@ class CircuitBreakerTrainer(Trainer):
     def _find_outlier_dims(self, frozen: list[dict[int, Tensor]], chunks: list[tuple[Tensor, ...]]) -> None:
         """`representation=no_outliers`: the dimensions of largest frozen energy; rank 0's choice on every device."""
         energy = sum(losses.dimension_energy(stacked(states, self.target_layers), m_cb)
-                     for states, (_, _, m_cb, _) in zip(frozen, chunks))
+                     for states, (_, _, m_cb, *_) in zip(frozen, chunks))
         dims = losses.top_dimensions(energy, self.args.num_outlier_dims)
         if self.accelerator.num_processes > 1:
             from accelerate.utils import broadcast_object_list
@@ -679,6 +794,38 @@ def chunk_rows(attention_mask: Tensor, max_tokens: int) -> list[tuple[Tensor, in
         else:
             groups.append([i])
     return [(torch.tensor(sorted(g)), ends[g[0]]) for g in groups]
+
+
+def insert_slots(inputs: dict[str, Tensor], slot_ids: Tensor, turn_end: Tensor,
+                 pad_id: int) -> tuple[dict[str, Tensor], Tensor]:
+    """The batch with `slot_ids` inserted into each circuit-breaker row right before the last occurrence of
+    `turn_end` (the template's tokens after the user's text: where the embedding attack puts its soft
+    prompt); other rows are right-padded by as many tokens, so the batch stays rectangular. Inserted
+    tokens are attended to and lie outside both loss masks. Returns the new batch and the [B, T + k]
+    mask of the inserted positions. A circuit-breaker row without `turn_end` is refused."""
+    ids, attn = inputs["input_ids"], inputs["attention_mask"]
+    k, n = len(slot_ids), len(turn_end)
+    is_cb = ((inputs["cb_mask"] * attn) > 0).any(dim=1)
+    pieces: dict[str, list[Tensor]] = {key: [] for key, value in inputs.items() if value.shape == ids.shape}
+    slots = torch.zeros(ids.shape[0], ids.shape[1] + k, dtype=torch.bool, device=ids.device)
+    for row in range(ids.shape[0]):
+        at = ids.shape[1]
+        if is_cb[row]:
+            windows = ids[row].unfold(0, n, 1) if ids.shape[1] >= n else ids.new_zeros(0, n)
+            hits = ((windows == turn_end).all(dim=1) & (attn[row].unfold(0, n, 1) > 0).all(dim=1)).nonzero()
+            if len(hits) == 0:
+                raise ConfigError(
+                    f"lat_positions=suffix: circuit-breaker row {row} has no end of a user turn (the chat template's "
+                    f"token ids {turn_end.tolist()}) to put the soft suffix before")
+            at = int(hits[-1])
+            slots[row, at:at + k] = True
+        for key in pieces:
+            value = inputs[key]
+            fill = slot_ids if key == "input_ids" and is_cb[row] else torch.full((k,), pad_id if key == "input_ids" else 0)
+            if key == "attention_mask":
+                fill = torch.full((k,), 1 if is_cb[row] else 0)
+            pieces[key].append(torch.cat([value[row, :at], fill.to(value), value[row, at:]]))
+    return {**inputs, **{key: torch.stack(rows) for key, rows in pieces.items()}}, slots
 
 
 def _step_counts(num_items_in_batch: Any) -> Tensor | None:
