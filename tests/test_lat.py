@@ -151,6 +151,10 @@ def test_insert_slots_puts_the_suffix_before_the_end_of_the_user_turn():
     with pytest.raises(ConfigError, match="no end of a user turn"):
         insert_slots({"input_ids": ids, "attention_mask": attn, "cb_mask": cb, "retain_mask": retain},
                      torch.tensor([90]), torch.tensor([8, 7]), pad_id=0)
+    short = {"input_ids": torch.tensor([[5]]), "attention_mask": torch.tensor([[1]]), "cb_mask": torch.tensor([[1]]),
+             "retain_mask": torch.tensor([[0]])}
+    with pytest.raises(ConfigError, match="no end of a user turn"):  # a row shorter than the template's turn end
+        insert_slots(short, torch.tensor([90]), torch.tensor([7, 8]), pad_id=0)
 
 
 def suffix_batch():

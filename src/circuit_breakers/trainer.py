@@ -461,8 +461,8 @@ class CircuitBreakerTrainer(Trainer):
         """RR + LAT shaped like the embedding attack (lat_positions=suffix): the circuit-breaker rows carry
         the placeholder tokens of a soft suffix at the end of the user turn (`insert_slots`), and the
         adversary moves one universal suffix, shared by every row and kept from step to step, so that its
-        `lat_steps` signed steps per training step add up, over a run, to an attack as long as the
-        evaluation's (100 steps) instead of starting from nothing each step. Steps and radius are in units of
+        `lat_steps` signed steps per training step add up, over a run, to hundreds of attack steps (the
+        evaluation's attack takes 100) instead of starting from nothing each step. Steps and radius are in units of
         the typical token-embedding norm (per coordinate: lat_step_size x the embedding matrix's rms, the
         attack's rule); the suffix stays within lat_epsilon such norms of its starting embeddings, per
         token. It ascends the mean rerouting cosine of the step's rows (gradients averaged over devices);
@@ -811,8 +811,10 @@ def insert_slots(inputs: dict[str, Tensor], slot_ids: Tensor, turn_end: Tensor,
     for row in range(ids.shape[0]):
         at = ids.shape[1]
         if is_cb[row]:
-            windows = ids[row].unfold(0, n, 1) if ids.shape[1] >= n else ids.new_zeros(0, n)
-            hits = ((windows == turn_end).all(dim=1) & (attn[row].unfold(0, n, 1) > 0).all(dim=1)).nonzero()
+            hits = torch.zeros(0)
+            if ids.shape[1] >= n:
+                windows, present = ids[row].unfold(0, n, 1), attn[row].unfold(0, n, 1) > 0
+                hits = ((windows == turn_end).all(dim=1) & present.all(dim=1)).nonzero()
             if len(hits) == 0:
                 raise ConfigError(
                     f"lat_positions=suffix: circuit-breaker row {row} has no end of a user turn (the chat template's "
@@ -820,10 +822,13 @@ def insert_slots(inputs: dict[str, Tensor], slot_ids: Tensor, turn_end: Tensor,
             at = int(hits[-1])
             slots[row, at:at + k] = True
         for key in pieces:
+            if key == "input_ids":
+                fill = slot_ids if is_cb[row] else torch.full((k,), pad_id)
+            elif key == "attention_mask":
+                fill = torch.full((k,), int(is_cb[row]))
+            else:  # loss masks
+                fill = torch.zeros(k)
             value = inputs[key]
-            fill = slot_ids if key == "input_ids" and is_cb[row] else torch.full((k,), pad_id if key == "input_ids" else 0)
-            if key == "attention_mask":
-                fill = torch.full((k,), 1 if is_cb[row] else 0)
             pieces[key].append(torch.cat([value[row, :at], fill.to(value), value[row, at:]]))
     return {**inputs, **{key: torch.stack(rows) for key, rows in pieces.items()}}, slots
 
