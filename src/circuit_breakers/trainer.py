@@ -109,6 +109,7 @@ class CircuitBreakerTrainer(Trainer):
         self.outlier_dims: list[int] | None = None
         self.lat_suffix: Tensor | None = None  # [k, H] float32: the universal soft suffix (lat_positions=suffix)
         self._slot_tokens: tuple[Tensor, Tensor] | None = None  # (suffix init ids, end-of-user-turn ids)
+        self._suffix_origin: tuple[Tensor, float] | None = None  # (placeholder embeddings, typical token norm)
         self.loss_is_scaled_for_ga = False  # our loss is a per-batch mean: let Trainer divide by GA steps
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self.cosine_history: list[tuple[int, float, float]] = []  # (step, rerouting cos, retain cos)
@@ -476,9 +477,12 @@ class CircuitBreakerTrainer(Trainer):
         embed = net.get_input_embeddings()
         suffix_ids, _ = self._suffix_tokens(ids.device)
         k, hidden = len(suffix_ids), embed.weight.shape[-1]
-        with torch.no_grad():
-            origin = embed(suffix_ids).float()  # the placeholders' own embeddings: what the frozen pass read
-            unit = float(embed.weight.float().pow(2).mean().sqrt()) * hidden ** 0.5  # typical token norm
+        if self._suffix_origin is None:  # the embeddings are frozen: computed once, not every step
+            with torch.no_grad():
+                origin = embed(suffix_ids).float()  # the placeholders' own embeddings: what the frozen pass read
+                unit = float(embed.weight.float().pow(2).mean().sqrt()) * hidden ** 0.5  # typical token norm
+            self._suffix_origin = (origin, unit)
+        origin, unit = self._suffix_origin
         if self.lat_suffix is None:
             self.lat_suffix = origin.clone()
         ids, attn, m_cb, slots = ids[rows], attn[rows], m_cb[rows], slots[rows]
