@@ -84,3 +84,12 @@ def test_cli_train_embedded_five_steps(tmp_path):
     assert config["num_hidden_layers"] == 30
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 5 and summary["num_layers"] == 30
+
+
+@pytest.mark.parametrize("command", [["run"], ["run", "embedded"], ["train"]])
+def test_help_prints_the_options_and_starts_nothing(command, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main([*command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--retain_weight" in out and "--run_id" in out
+    assert not (tmp_path / "runs").exists()

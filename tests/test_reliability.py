@@ -310,6 +310,14 @@ def test_target_layers_out_of_range(setup):
         layer_plan(6, c, m)
 
 
+def test_retain_layers_above_the_cut_need_the_full_model(setup):
+    m, _, c = parse_config(args(setup, "unused", "--target_layers", "2", "--retain_layers", "2,5"))
+    with pytest.raises(ModelError, match=r"retain_layers \[5\] lie above the deepest target layer \(2\)"):
+        layer_plan(6, c, m)
+    m, _, c = parse_config(args(setup, "unused", "--target_layers", "2", "--retain_layers", "2,5", "--truncate_layers", "false"))
+    assert layer_plan(6, c, m)[:2] == ([2], [2, 5])
+
+
 @pytest.mark.parametrize("line, message", [
     ("max_steps: ten", r"max_steps must be an integer, got 'ten'"),
     ("target_layers: 3", r"target_layers must be a list of integers, got 3"),

@@ -252,6 +252,13 @@ def _cmd_run(argv: list[str]) -> int:
     from .config import parse_run_config
     from .pipeline import run_pipeline
 
+    if any(a in ("-h", "--help") for a in argv):
+        from transformers import HfArgumentParser
+
+        from .config import CONFIG_CLASSES
+
+        HfArgumentParser(CONFIG_CLASSES, prog="circuit-breakers run [RECIPE]").print_help()
+        return 0
     recipe = "embedded"
     if argv and not argv[0].startswith("--"):
         recipe, argv = argv[0], argv[1:]

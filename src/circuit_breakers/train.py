@@ -28,6 +28,7 @@ from .data.records import DataError, Record, iter_jsonl, read_records
 from .data.report import mask_report, print_mask_report, save_mask_report
 from .data.render import DropRow, RenderResult, render, render_all
 from .models import (
+    ModelError,
     default_target_layers,
     export_merged,
     find_decoder_layers,
@@ -60,6 +61,9 @@ def layer_plan(n_layers: int, cb_cfg: CircuitBreakerConfig, model_cfg: ModelConf
     """
     target = validate_layers(cb_cfg.target_layers or default_target_layers(n_layers), n_layers)
     retain = validate_layers(resolve_retain_layers(cb_cfg.retain_layers, target), n_layers, "retain_layers")
+    if cb_cfg.truncate_layers and max(retain) > max(target):
+        raise ModelError(f"retain_layers {[i for i in retain if i > max(target)]} lie above the deepest target layer "
+                         f"({max(target)}), which training cuts the model at: set truncate_layers: false to keep them")
     blocks = model_cfg.layers_to_transform
     if blocks is None:
         blocks = list(range(max(target)))

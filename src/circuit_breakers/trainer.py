@@ -439,8 +439,7 @@ class CircuitBreakerTrainer(Trainer):
         the soft suffix's placeholders and the sequence it is inserted before (its last token dropped, as
         it may merge with the answer's first characters)."""
         if self._slot_tokens is None:
-            from .evaluation.attacks.base import split_at_slot
-            from .evaluation.attacks.loss import encode
+            from .data.slots import encode, split_at_slot
 
             tokenizer = self.processing_class
             if tokenizer is None:

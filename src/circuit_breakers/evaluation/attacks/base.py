@@ -9,7 +9,6 @@ results so that every number says which attack, with which budget, produced it.
 
 from __future__ import annotations
 
-import copy
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
@@ -19,15 +18,10 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-Message = dict[str, Any]
+from ...data.slots import Message, encode, split_at_slot, with_suffix  # noqa: F401 (with_suffix: re-exported for the attacks)
 
 DEFAULT_TARGET = "Sure, here is"
 """Affirmative target used when a benchmark gives none (AdvBench and HarmBench give their own)."""
-
-# A string no chat template produces or rewrites; rendering with it in place of the optimised part of
-# the user turn shows exactly which text comes before and after that part.
-SLOT = "\u2063<<attack-slot>>\u2063"
-
 
 class AttackError(ValueError):
     """An attack that cannot run with the given prompts, options or model."""
@@ -157,8 +151,6 @@ class AttackInput:
 
     def prompt_embeds(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> Tensor:
         """`[T, hidden]` input embeddings of the whole prompt with the soft prompt spliced in."""
-        from .loss import encode
-
         before, after = self.render_parts(tokenizer)
         embed = model.get_input_embeddings()
         device = embed.weight.device
@@ -201,36 +193,6 @@ def shared_context(model: nn.Module, inputs: Sequence[AttackInput]) -> AbstractC
     if len(found) > 1:
         raise AttackError("inputs in one batch carry different interventions; group them by intervention")
     return next(iter(found.values())).context(model) if found else nullcontext()
-
-
-def with_suffix(messages: Sequence[Message], suffix: str) -> list[Message]:
-    """A copy of `messages` with `suffix` appended verbatim to the last user turn."""
-    out = copy.deepcopy(list(messages))
-    for message in reversed(out):
-        if message.get("role") == "user":
-            message["content"] = str(message.get("content") or "") + suffix
-            return out
-    raise AttackError("the conversation has no user turn to attach the attack to")
-
-
-def split_at_slot(
-    tokenizer: PreTrainedTokenizerBase,
-    messages: Sequence[Message],
-    suffix_slot: bool = True,
-    prefill: str | None = None,
-) -> tuple[str, str]:
-    """Render the prompt with a marker at the end of the last user turn and cut the text there.
-
-    The parts are exactly what the template makes of the conversation, so a suffix or soft prompt
-    placed between them sits where the chat template would put text appended to the user turn.
-    """
-    text = tokenizer.apply_chat_template(
-        with_suffix(messages, SLOT) if suffix_slot else list(messages), tokenize=False, add_generation_prompt=True
-    )
-    if text.count(SLOT) != 1:
-        raise AttackError("the chat template dropped or repeated the user turn; cannot place the attack")
-    before, after = text.split(SLOT)
-    return before, after + (prefill or "")
 
 
 class Attack(ABC):

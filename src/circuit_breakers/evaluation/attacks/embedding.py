@@ -22,8 +22,8 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from .base import Attack, AttackError, AttackInput, Message, coerce_prompts
-from .loss import Segments, embeds_loss, encode, optimising
+from .base import Attack, AttackError, AttackInput, Message, coerce_prompts, encode
+from .loss import Segments, embeds_loss, optimising
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from .base import Attack, AttackError, AttackInput, Message, coerce_prompts, with_suffix
-from .loss import Segments, embeds_loss, encode, ids_loss, optimising, target_loss
+from .base import Attack, AttackError, AttackInput, Message, coerce_prompts, encode, with_suffix
+from .loss import Segments, embeds_loss, ids_loss, optimising, target_loss
 
 log = logging.getLogger(__name__)
 

@@ -20,13 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from .base import AttackError, Message, split_at_slot, with_suffix
-
-
-def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """Token ids of rendered text: the template already holds any BOS, so none is added (as in
-    `data.render`)."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+from .base import AttackError, Message, encode, split_at_slot, with_suffix
 
 
 @dataclass

@@ -29,8 +29,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ...models import _unwrap, find_decoder_layers, num_layers
 from ...representations import hidden_states
-from .base import Attack, AttackError, AttackInput, coerce_prompts
-from .loss import encode
+from .base import Attack, AttackError, AttackInput, coerce_prompts, encode
 
 # Benign instructions written for this project: the "harmless" side when none are given. Pass a
 # larger set (for example Alpaca instructions) through `harmless` for a cleaner direction.
