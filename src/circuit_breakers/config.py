@@ -109,7 +109,8 @@ class CircuitBreakerConfig(TrainingArguments):
     )
     retain_layers: str = field(
         default="all",
-        metadata={"help": "Layers of the retain loss: target, all (every index 1..deepest target, as the reference), or a comma list."},
+        metadata={"help": "Layers of the retain loss: target, all (every index 1..deepest target, as the reference), or a comma list "
+                          "(deeper than the deepest target only with truncate_layers: false)."},
     )
     alpha: float = field(default=10.0, metadata={"help": "Loss coefficient scale (paper: 10 for Llama-3, 5 for Mistral)."})
     schedule: Literal["dual", "cosine", "single"] = field(default="dual", metadata={"help": "Coefficient schedule (see losses.coefficients)."})
