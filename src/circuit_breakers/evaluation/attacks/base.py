@@ -23,6 +23,7 @@ from ...data.slots import Message, encode, split_at_slot, with_suffix  # noqa: F
 DEFAULT_TARGET = "Sure, here is"
 """Affirmative target used when a benchmark gives none (AdvBench and HarmBench give their own)."""
 
+
 class AttackError(ValueError):
     """An attack that cannot run with the given prompts, options or model."""
 
