@@ -110,6 +110,15 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _print_config_help(prog: str) -> None:
+    """Every recipe key as a `--key` option: `run` and `train` take the same ones."""
+    from transformers import HfArgumentParser
+
+    from .config import CONFIG_CLASSES
+
+    HfArgumentParser(CONFIG_CLASSES, prog=prog).print_help()
+
+
 def _cmd_train(argv: list[str]) -> int:
     """train --config recipe.yaml [--any_field value ...] [--accelerate-config ddp|fsdp2|deepspeed_zero2|deepspeed_zero3|PATH]"""
     from .config import parse_config
@@ -117,11 +126,7 @@ def _cmd_train(argv: list[str]) -> int:
     from .trainer import CheckpointError, TrainingDiverged, TrainingInterrupted
 
     if argv and argv[0] in ("-h", "--help"):
-        from transformers import HfArgumentParser
-
-        from .config import CONFIG_CLASSES
-
-        HfArgumentParser(CONFIG_CLASSES, prog="circuit-breakers train").print_help()
+        _print_config_help("circuit-breakers train")
         print("\nlaunch options:\n  --accelerate-config NAME|PATH  relaunch under `accelerate launch` (shipped: ddp, fsdp2, "
               "deepspeed_zero2, deepspeed_zero3)\n  --num-processes N              processes (default: visible GPUs)\n"
               "  --main-process-port P          rendezvous port (default: a free one)")
@@ -253,11 +258,7 @@ def _cmd_run(argv: list[str]) -> int:
     from .pipeline import run_pipeline
 
     if any(a in ("-h", "--help") for a in argv):
-        from transformers import HfArgumentParser
-
-        from .config import CONFIG_CLASSES
-
-        HfArgumentParser(CONFIG_CLASSES, prog="circuit-breakers run [RECIPE]").print_help()
+        _print_config_help("circuit-breakers run [RECIPE]")
         return 0
     recipe = "embedded"
     if argv and not argv[0].startswith("--"):

@@ -36,7 +36,7 @@ def with_suffix(messages: Sequence[Message], suffix: str) -> list[Message]:
         if message.get("role") == "user":
             message["content"] = str(message.get("content") or "") + suffix
             return out
-    raise SlotError("the conversation has no user turn to attach the attack to")
+    raise SlotError("the conversation has no user turn to append text to")
 
 
 def split_at_slot(
@@ -54,6 +54,6 @@ def split_at_slot(
         with_suffix(messages, SLOT) if suffix_slot else list(messages), tokenize=False, add_generation_prompt=True
     )
     if text.count(SLOT) != 1:
-        raise SlotError("the chat template dropped or repeated the user turn; cannot place the attack")
+        raise SlotError("the chat template dropped or repeated the user turn; cannot place text at its end")
     before, after = text.split(SLOT)
     return before, after + (prefill or "")
