@@ -177,6 +177,35 @@ def _cmd_merge(argv: list[str]) -> int:
     return 0
 
 
+def _cmd_interpolate(argv: list[str]) -> int:
+    """interpolate START END OUT --data VAL: the largest step from START towards END within a capability budget"""
+    from .data.records import read_records
+    from .interpolate import DEFAULT_GRID, interpolate_within_budget, save_interpolation
+
+    parser = argparse.ArgumentParser(
+        prog="circuit-breakers interpolate",
+        description="Write START + w (END - START) for the largest w on a grid (from 1 down) whose teacher-forced "
+                    "loss on validation records is within --max_loss_change of the base model's; for example "
+                    "START the vanilla circuit breaker, END a hardened (RR + LAT) continuation of it.")
+    parser.add_argument("start", help="merged model training started from")
+    parser.add_argument("end", help="merged model it was trained into (same architecture)")
+    parser.add_argument("out_dir")
+    parser.add_argument("--data", required=True, help="validation records (chat records with answers), "
+                                                      "not the held-out set the result is reported on")
+    parser.add_argument("--base", default="embedded", help="the base model the loss change is measured against")
+    parser.add_argument("--max_loss_change", type=float, default=0.05, help="relative budget (0.05: +5%%)")
+    parser.add_argument("--grid", default=",".join(f"{w:g}" for w in DEFAULT_GRID), help="weights to try (comma list)")
+    args = parser.parse_args(argv)
+    grid = [float(w) for w in args.grid.split(",")]
+    model, result = interpolate_within_budget(args.start, args.end, read_records(args.data), args.base,
+                                              args.max_loss_change, grid)
+    for weight, change in result.tried:
+        console.print(f"  w {weight:<4g} loss {change:+.1%}")
+    out = save_interpolation(model, result, args.out_dir)
+    console.print(f"[bold green]w = {result.weight:g}[/] (loss {result.loss_change:+.1%}): {out}")
+    return 0
+
+
 def _cmd_probe(argv: list[str]) -> int:
     """probe train --harmful F --benign F --out DIR: a harmfulness probe that can halt generation"""
     parser = argparse.ArgumentParser(prog="circuit-breakers probe")
@@ -589,6 +618,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "sweep": _cmd_sweep,
     "train": _cmd_train,
     "merge": _cmd_merge,
+    "interpolate": _cmd_interpolate,
     "data": _cmd_data,
     "eval": _cmd_eval,
     "env": _cmd_env,

@@ -297,7 +297,6 @@ def export_merged(
     """
     from peft import PeftModel
 
-    out_dir = Path(out_dir)
     base = load_model(base_model, dtype=torch.float32, trust_remote_code=trust_remote_code)
     if isinstance(adapter_dir, (str, Path)):
         merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
@@ -309,14 +308,23 @@ def export_merged(
         combine_adapters(model, [f"adapter{i}" for i in range(len(dirs))])
         merged = model.merge_and_unload()
     merged = merged.to(resolve_dtype(dtype))
+    card = Path(adapter_dir, "README.md") if isinstance(adapter_dir, (str, Path)) else None
+    extra = {"README.md": card.read_text()} if card is not None and card.is_file() else {}
+    return save_model(merged, load_tokenizer(base_model, trust_remote_code), out_dir, extra)
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path,
+               extra_files: dict[str, str] | None = None) -> Path:
+    """Save a full model, its tokenizer and small text files (a model card, a provenance record) to
+    `out_dir`, written beside and renamed into place when complete: a failure (disk full) leaves no half model."""
+    out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    try:  # written beside, renamed into place when complete: a failure (disk full) leaves no half model
-        merged.save_pretrained(tmp, safe_serialization=True)
-        load_tokenizer(base_model, trust_remote_code).save_pretrained(tmp)
-        card = Path(adapter_dir, "README.md") if isinstance(adapter_dir, (str, Path)) else None
-        if card is not None and card.is_file():
-            shutil.copy(card, tmp / "README.md")
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
