@@ -107,6 +107,7 @@ def test_cli_writes_the_chosen_model_and_its_provenance(folders, tmp_path, capsy
                  "--max_loss_change", "0", "--grid", "1,0"]) == 0
     info = json.loads((out / "interpolation.json").read_text())
     assert info["weight"] == 0.0 and [w for w, _ in info["tried"]] == [1.0, 0.0] and info["n_records"] == 3
+    assert info["base"] == str(start) and info["end"] == str(end)
     loaded, original = load_model(str(out)), load_model(str(start))
     assert all(torch.equal(p, q) for p, q in zip(loaded.parameters(), original.parameters()))
     assert load_tokenizer(str(out)).get_vocab() == load_tokenizer(str(start)).get_vocab()

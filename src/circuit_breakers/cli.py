@@ -643,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `circuit-breakers` script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = "\n".join(f"  {name:<10} {fn.__doc__.splitlines()[0]}" for name, fn in COMMANDS.items())
+        lines = "\n".join(f"  {name:<12} {fn.__doc__.splitlines()[0]}" for name, fn in COMMANDS.items())
         print(f"usage: circuit-breakers COMMAND [options]\n\ncommands:\n{lines}")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     configure_logging()

@@ -40,6 +40,7 @@ class Interpolation:
     tried: list[tuple[float, float]] = field(default_factory=list)
     start: str = ""
     end: str = ""
+    base: str = ""
     n_records: int = 0
 
 
@@ -75,7 +76,8 @@ def interpolate_within_budget(
 ) -> tuple[nn.Module, Interpolation]:
     """The model at the largest grid weight whose teacher-forced loss on `records` is at most
     `1 + max_loss_change` times the base model's, and how it was chosen. Raises InterpolationError
-    when no weight on the grid is within the budget (the start itself may not be)."""
+    when no weight on the grid is within the budget (the start itself may not be). Works in float32 and
+    holds three copies of the weights (the model, start, end): about 1.6 GB for the embedded model."""
     from .evaluation.capability import teacher_forced_loss
     from .models import load_model, load_tokenizer
 
@@ -91,7 +93,7 @@ def interpolate_within_budget(
     start_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     check_compatible(start_state, end_state)
     result = Interpolation(weight=float("nan"), loss_change=float("nan"), max_loss_change=max_loss_change,
-                           start=start, end=end, n_records=len(records))
+                           start=start, end=end, base=str(base), n_records=len(records))
     for weight in sorted(grid, reverse=True):
         set_interpolated(model, start_state, end_state, weight)
         change = teacher_forced_loss(model, tokenizer, records, batch_size=batch_size).mean_loss / base_loss - 1
