@@ -3,7 +3,8 @@
 The budget that picks an interpolation weight must be read on answers that neither trained the model
 (`retain.jsonl`) nor report the result (`benign_eval.jsonl`). This takes the packaged benign prompts the
 run did not use (in the order of the run's own split, so the same run gets the same set), has the base
-model answer them as the main job does (greedy, `--max_new_tokens`), and writes RUN/data/benign_val.jsonl.
+model answer them as the main job does (greedy, the run's `completion_tokens`), and writes
+RUN/data/benign_val.jsonl. The model, seed and split sizes are the run's own, read from RUN/stages.json.
 A minute on the embedded model.
 
     .venv/bin/python benchmarks/benign_validation.py --run runs/fresh
@@ -14,6 +15,7 @@ A minute on the embedded model.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from circuit_breakers.data.generate import generate_completions
@@ -27,21 +29,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="main-job folder (its data/gen_benign.jsonl says what was used)")
     parser.add_argument("--n", type=int, default=40, help="validation prompts")
-    parser.add_argument("--base", default="embedded", help="the model that answers (the run's base model)")
-    parser.add_argument("--seed", type=int, default=42, help="the run's seed (its split order)")
-    parser.add_argument("--n_benign_eval", type=int, default=40, help="the run's n_benign_eval (its split)")
-    parser.add_argument("--max_new_tokens", type=int, default=48, help="the run's completion_tokens")
     args = parser.parse_args()
 
-    data = Path(args.run) / "data"
-    used = {record.meta.get("prompt_id") for record in read_records(data / "gen_benign.jsonl")}
-    train, _ = split_prompts(load_builtin_prompts("benign"), args.n_benign_eval, args.seed)
+    run = Path(args.run)
+    settings = json.loads((run / "stages.json").read_text())["data"]["settings"]  # what the data stage used
+    used = {record.meta.get("prompt_id") for record in read_records(run / "data" / "gen_benign.jsonl")}
+    train, _ = split_prompts(load_builtin_prompts("benign"), settings["n_benign_eval"], settings["seed"])
     prompts = [prompt for prompt in train if prompt.id not in used][: args.n]
     if len(prompts) < args.n:
         raise SystemExit(f"only {len(prompts)} unused benign prompts (asked for {args.n})")
-    model, tokenizer = load_model_and_tokenizer(args.base)
-    out = data / "benign_val.jsonl"
-    records = generate_completions(model, tokenizer, prompts, out, kind="retain", max_new_tokens=args.max_new_tokens)
+    model, tokenizer = load_model_and_tokenizer(settings["model"])
+    out = run / "data" / "benign_val.jsonl"
+    records = generate_completions(model, tokenizer, prompts, out, kind="retain",
+                                   max_new_tokens=settings["completion_tokens"])
     print(f"{len(records)} validation records in {out}")
 
 
