@@ -32,7 +32,11 @@ def main() -> None:
     args = parser.parse_args()
 
     run = Path(args.run)
-    settings = json.loads((run / "stages.json").read_text())["data"]["settings"]  # what the data stage used
+    ledger = run / "stages.json"
+    data_stage = json.loads(ledger.read_text()).get("data", {}) if ledger.is_file() else {}
+    if not data_stage.get("done"):
+        raise SystemExit(f"{run} has no finished data stage in {ledger.name}: run the main job there first")
+    settings = data_stage["settings"]  # the model, seed, split and answer length the data stage used
     used = {record.meta.get("prompt_id") for record in read_records(run / "data" / "gen_benign.jsonl")}
     train, _ = split_prompts(load_builtin_prompts("benign"), settings["n_benign_eval"], settings["seed"])
     prompts = [prompt for prompt in train if prompt.id not in used][: args.n]
