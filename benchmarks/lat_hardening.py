@@ -17,6 +17,9 @@ placeholder text): a model hardened by `lat_positions: suffix` must not simply b
 without redoing it; `benchmarks/lat_pool.py` pools such folders (paired against a reference model).
 
 Finished cells are kept in --out and reused (a model retrained into the same folder is evaluated again).
+Each model's optimised soft prompts are kept in `--out/soft_prompts/`; `--replay DIR` reads a finished
+`--out` DIR again from them without optimising (for example with `--max_new_tokens 128`: the forced
+target takes about half of the default 40 tokens, so a longer generation shows what follows it).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from circuit_breakers.data.loaders import read_prompts, write_prompts
 from circuit_breakers.data.records import read_records
 from circuit_breakers.evaluation.attacks import make_attack
 from circuit_breakers.evaluation.benchmarks import load_benchmark
-from circuit_breakers.evaluation.compare import evaluate_models
+from circuit_breakers.evaluation.compare import evaluate_models, soft_prompt_file
 from circuit_breakers.evaluation.judges import make_judge
 from circuit_breakers.evaluation.metrics import best_of_n
 
@@ -62,6 +65,22 @@ def beyond_target(samples: list, judge) -> dict[str, float]:
     return out
 
 
+def capability_readings(run: Path, models: dict[str, str], suffix_text: str, out: Path) -> dict:
+    """Benign loss change against the first model, and compliance on borderline prompts (plain, suffixed)."""
+    borderline = read_prompts(run / "data" / "borderline_eval.jsonl")
+    capability = evaluate_models(models, [], [], judge="offline", benign=read_records(run / "data" / "benign_eval.jsonl"),
+                                 safe_prompts=borderline, max_new_tokens=40, batch_size=16, out_dir=out / "capability")
+    suffixed = [replace(p, text=f"{p.text} {suffix_text}") for p in borderline]
+    with_suffix = evaluate_models(models, [], [], judge="offline", safe_prompts=suffixed, max_new_tokens=40,
+                                  batch_size=16, out_dir=out / "capability-suffixed")
+    return {
+        "compliance_on_borderline": {m: r["compliance"]["value"] for m, r in capability.metrics["over_refusal"].items()},
+        "compliance_on_borderline_with_suffix": {m: r["compliance"]["value"]
+                                                 for m, r in with_suffix.metrics["over_refusal"].items()},
+        "benign_loss_change": {m: c.get("value") for m, c in capability.metrics.get("capability_change", {}).items()},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="main-job folder (its data/ split is used)")
@@ -75,6 +94,12 @@ def main() -> None:
     parser.add_argument("--restarts", type=int, default=1,
                         help="attack samples per prompt (restart r > 0 starts from noise around the init); a prompt "
                              "counts as broken if any is")
+    parser.add_argument("--max_new_tokens", type=int, default=40, help="tokens generated and judged per prompt")
+    parser.add_argument("--replay", default=None,
+                        help="a finished --out folder: use its saved soft prompts (same --model names, same prompts) "
+                             "instead of optimising new ones")
+    parser.add_argument("--no_capability", action="store_true",
+                        help="skip the capability readings (benign loss, borderline compliance), e.g. with --replay")
     parser.add_argument("--base", default="embedded", help="base model, for capability")
     parser.add_argument("--suffix_text", default=SUFFIX_INIT,
                         help="text appended to the borderline prompts for a second compliance reading (default: "
@@ -85,29 +110,24 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     models = dict(m.split("=", 1) for m in args.model)
     prompts = heldout_with_targets(run, args.data_dir, out)[args.offset: args.offset + args.n]
-    attack = make_attack("embedding", budget="default", steps=args.steps, restarts=args.restarts)
-    result = evaluate_models(models, prompts, [attack, "direct"], judge="offline", max_new_tokens=40, batch_size=8,
-                             out_dir=out, attack_budget="cpu")
-    capability = evaluate_models({"base": args.base, **models}, [], [], judge="offline",
-                                 benign=read_records(run / "data" / "benign_eval.jsonl"),
-                                 safe_prompts=read_prompts(run / "data" / "borderline_eval.jsonl"),
-                                 max_new_tokens=40, batch_size=16, out_dir=out / "capability")
-    suffixed = [replace(p, text=f"{p.text} {args.suffix_text}") for p in read_prompts(run / "data" / "borderline_eval.jsonl")]
-    with_suffix = evaluate_models({"base": args.base, **models}, [], [], judge="offline", safe_prompts=suffixed,
-                                  max_new_tokens=40, batch_size=16, out_dir=out / "capability-suffixed")
-    for sample in result.samples:  # the target each embedding sample was attacked towards
+    samples, asr = [], {}
+    for name, path in models.items():  # one call per model: a replayed attack reads that model's file
+        replay = str(soft_prompt_file(Path(args.replay), name, "embedding")) if args.replay else None
+        attack = make_attack("embedding", budget="default", steps=args.steps, restarts=args.restarts, replay=replay)
+        result = evaluate_models({name: path}, prompts, [attack, "direct"], judge="offline",
+                                 max_new_tokens=args.max_new_tokens, batch_size=8, out_dir=out, attack_budget="cpu")
+        samples += result.samples
+        for a, per in result.metrics["asr"].items():
+            asr.setdefault(a, {}).update({m: r["value"] for m, r in per.items()})
+    summary = {"n_prompts": len(prompts), "offset": args.offset, "steps": args.steps, "restarts": args.restarts,
+               "max_new_tokens": args.max_new_tokens, "replayed_from": args.replay, "asr": asr}
+    for sample in samples:  # the target each embedding sample was attacked towards
         if sample.attack == "embedding":
             sample.attack_details.setdefault("target", next(p.target for p in prompts if p.id == sample.prompt_id))
-    strict = beyond_target([s for s in result.samples if s.attack == "embedding"], make_judge("offline"))
-    summary = {
-        "n_prompts": len(prompts), "offset": args.offset, "steps": args.steps, "restarts": args.restarts,
-        "asr": {a: {m: r["value"] for m, r in per.items()} for a, per in result.metrics["asr"].items()},
-        "asr_embedding_beyond_target": strict,
-        "compliance_on_borderline": {m: r["compliance"]["value"] for m, r in capability.metrics["over_refusal"].items()},
-        "compliance_on_borderline_with_suffix": {m: r["compliance"]["value"]
-                                                 for m, r in with_suffix.metrics["over_refusal"].items()},
-        "benign_loss_change": {m: c.get("value") for m, c in capability.metrics.get("capability_change", {}).items()},
-    }
+    summary["asr_embedding_beyond_target"] = beyond_target([s for s in samples if s.attack == "embedding"],
+                                                           make_judge("offline"))
+    if not args.no_capability:
+        summary.update(capability_readings(run, {"base": args.base, **models}, args.suffix_text, out))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
 

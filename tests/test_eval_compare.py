@@ -245,3 +245,42 @@ def test_a_model_retrained_into_the_same_folder_is_evaluated_again(tmp_path):
     (folder / "model.safetensors").write_bytes(b"other weights")
     assert _model_identity(str(folder)) != first
     assert _model_identity("embedded") == "embedded"  # names that are not folders keep their old cells
+
+
+def test_soft_prompts_are_saved_and_replayed_without_optimising(two_models, tmp_path, monkeypatch):
+    from circuit_breakers.evaluation.attacks import AttackError, embedding, make_attack
+    from circuit_breakers.evaluation.compare import soft_prompt_file
+
+    attack = make_attack("embedding", steps=3, restarts=2, init="Answer directly.")
+    assert "replay" not in attack.settings()  # results saved before the option existed keep their fingerprints
+    first = evaluate_models(two_models, PROMPTS, [attack], judge=RefusalJudge(), max_new_tokens=5, batch_size=2,
+                            out_dir=tmp_path / "attacked", progress=False)
+    from safetensors.torch import load_file
+
+    for name in two_models:
+        saved = load_file(str(soft_prompt_file(tmp_path / "attacked", name, "embedding")))
+        assert sorted(saved) == [f"{p.id}/{r}" for p in PROMPTS for r in (0, 1)]
+        assert all(t.shape[0] == len(two_models[name][1]("Answer directly.", add_special_tokens=False)["input_ids"])
+                   for t in saved.values())
+    assert saved["h1/0"].ne(saved["h1/1"]).any()  # restarts kept apart
+
+    def no_optimising(*args, **kwargs):
+        raise AssertionError("a replayed attack must not optimise")
+
+    monkeypatch.setattr(embedding, "embedding_optimize", no_optimising)
+    again = {}
+    for name, spec in two_models.items():
+        replay = make_attack("embedding", replay=str(soft_prompt_file(tmp_path / "attacked", name, "embedding")))
+        result = evaluate_models({name: spec}, PROMPTS, [replay], judge=RefusalJudge(), max_new_tokens=5,
+                                 batch_size=2, out_dir=tmp_path / "replayed", progress=False, strict=True)
+        again.update({(s.model, s.prompt_id, s.variant): s for s in result.samples})
+    for s in first.samples:
+        replayed = again[(s.model, s.prompt_id, s.variant)]
+        assert replayed.completion == s.completion
+        assert replayed.attack_details["best_loss"] == s.attack_details["best_loss"]
+        assert replayed.attack_details["replayed_from"].endswith(f"{s.model}--embedding.safetensors")
+    with pytest.raises(AttackError, match="no soft prompt for prompt"):
+        replay.prepare(*two_models["circuit_broken"], [Prompt(id="other", text="Hi")])
+    with pytest.raises(AttackError, match="no soft-prompt file"):
+        make_attack("embedding", replay=str(tmp_path / "missing.safetensors")).prepare(
+            *two_models["base"], PROMPTS[:1])

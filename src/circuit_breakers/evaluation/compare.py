@@ -476,7 +476,8 @@ def evaluate_models(
                         store.finish(name, cell, print_, samples)
                     else:
                         samples = _run_attack(name, cell, attack, model, tokenizer, prompt_items, by_id, judge_obj,
-                                              max_new_tokens, batch_size, progress)
+                                              max_new_tokens, batch_size, progress,
+                                              soft_prompt_file(out, name, cell) if out is not None else None)
                         settings = attack.settings()  # after prepare: fitted directions, chosen templates
                         store.finish(name, cell, print_, samples, attack_settings=settings)
                 except (KeyboardInterrupt, SystemExit):
@@ -533,9 +534,16 @@ def evaluate_models(
 def _run_attack(
     name: str, label: str, attack: Attack, model: Any, tokenizer: Any, items: Sequence[AttackPrompt],
     by_id: Mapping[str, Prompt], judge: Judge, max_new_tokens: int, batch_size: int, progress: bool,
+    soft_prompts_to: Path | None = None,
 ) -> list[Sample]:
-    """One (model, attack) cell: prepare inputs against this model, generate, judge the behaviour."""
+    """One (model, attack) cell: prepare inputs against this model, generate, judge the behaviour.
+
+    Soft prompts the attack optimised are written to `soft_prompts_to` before generation, so an
+    expensive optimisation can be read again (longer generations, another judge) without redoing it.
+    """
     inputs = attack.prepare(model, tokenizer, items)
+    if soft_prompts_to is not None:
+        save_soft_prompts(inputs, soft_prompts_to)
     generated = generate_inputs(model, tokenizer, inputs, max_new_tokens, batch_size, progress)
     completions = [(item.prefill or "") + text for item, text in zip(inputs, generated)]
     verdicts = judge.judge([i.prompt.behavior for i in inputs], completions, [i.prompt.context for i in inputs])
@@ -552,6 +560,30 @@ def _run_attack(
             judge_details=dict(verdict.details), attack_details=dict(item.settings),
         ))
     return samples
+
+
+SOFT_PROMPTS_DIR = "soft_prompts"
+
+
+def soft_prompt_file(out_dir: Path, model: str, cell: str) -> Path:
+    """Where `evaluate_models(out_dir=...)` keeps the soft prompts of one (model, attack) cell."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{model}--{cell}")
+    return Path(out_dir) / SOFT_PROMPTS_DIR / f"{safe}.safetensors"
+
+
+def save_soft_prompts(inputs: Sequence[AttackInput], path: Path) -> bool:
+    """Write the inputs' soft prompts as `{prompt id}/{variant}` tensors; False when there are none."""
+    from safetensors.torch import save_file
+
+    kept = {f"{item.prompt.id or item.prompt_index}/{item.variant}": item
+            for item in inputs if item.soft_prompt is not None}
+    if not kept:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    settings = json.dumps({key: _json_safe(item.settings) for key, item in kept.items()})
+    save_file({key: item.soft_prompt.detach().cpu().contiguous() for key, item in kept.items()}, str(path),
+              metadata={"settings": settings})
+    return True
 
 
 def _run_safe(

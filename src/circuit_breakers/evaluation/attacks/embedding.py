@@ -14,15 +14,17 @@ the same on any model.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from .base import Attack, AttackError, AttackInput, Message, coerce_prompts, encode
+from .base import Attack, AttackError, AttackInput, AttackPrompt, Message, coerce_prompts, encode
 from .loss import Segments, embeds_loss, optimising
 
 log = logging.getLogger(__name__)
@@ -137,10 +139,21 @@ class EmbeddingAttack(Attack):
     seed: int = 0
     early_stop_loss: float | None = None
     prefix_cache: bool = True
+    replay: str | None = None
+    """A soft-prompt file that `evaluate_models(out_dir=...)` wrote (`soft_prompts/<model>--<cell>.safetensors`):
+    its soft prompts are used as they are, nothing is optimised (read a finished attack again with
+    longer generations or another judge). Only valid against the model they were optimised on."""
 
     @property
     def needs_model(self) -> bool:
         return True
+
+    def settings(self) -> dict[str, Any]:
+        """As `Attack.settings`, without `replay` when unset (fingerprints of earlier results stay valid)."""
+        options = super().settings()
+        if options.get("replay") is None:
+            options.pop("replay", None)
+        return options
 
     def prepare(
         self, model: nn.Module | None, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Any]
@@ -149,6 +162,8 @@ class EmbeddingAttack(Attack):
             raise AttackError("the embedding attack needs the model")
         if self.keep not in ("all", "best"):
             raise AttackError(f"keep must be 'all' or 'best', not {self.keep!r}")
+        if self.replay is not None:
+            return replay_soft_prompts(self.replay, coerce_prompts(prompts), self.name)
         out = []
         for i, p in enumerate(coerce_prompts(prompts)):
             messages = p.chat()
@@ -167,3 +182,25 @@ class EmbeddingAttack(Attack):
                               "best_step": res.best_step, "target_source": "benchmark" if p.target else "default"},
                 ))
         return out
+
+
+def replay_soft_prompts(path: str | Path, prompts: Sequence[AttackPrompt], attack: str) -> list[AttackInput]:
+    """AttackInputs from a saved soft-prompt file, every saved variant of every prompt, in prompt order."""
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise AttackError(f"no soft-prompt file at {path} (evaluate_models writes them under out_dir/soft_prompts/)")
+    with safe_open(str(path), framework="pt") as handle:
+        settings = json.loads((handle.metadata() or {}).get("settings", "{}"))
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    out, missing = [], []
+    for i, p in enumerate(prompts):
+        keys = sorted((k for k in tensors if k.rsplit("/", 1)[0] == (p.id or str(i))), key=lambda k: int(k.rsplit("/", 1)[1]))
+        if not keys:
+            missing.append(p.id or str(i))
+        for key in keys:
+            out.append(AttackInput(p.chat(), p, i, attack, variant=int(key.rsplit("/", 1)[1]), soft_prompt=tensors[key],
+                                   settings={**settings.get(key, {}), "replayed_from": str(path)}))
+    if missing:
+        raise AttackError(f"{path} has no soft prompt for prompt(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return out
