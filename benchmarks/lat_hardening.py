@@ -68,8 +68,9 @@ def beyond_target(samples: list, judge) -> dict[str, float]:
 def capability_readings(run: Path, models: dict[str, str], suffix_text: str, out: Path) -> dict:
     """Benign loss change against the first model, and compliance on borderline prompts (plain, suffixed)."""
     borderline = read_prompts(run / "data" / "borderline_eval.jsonl")
-    capability = evaluate_models(models, [], [], judge="offline", benign=read_records(run / "data" / "benign_eval.jsonl"),
-                                 safe_prompts=borderline, max_new_tokens=40, batch_size=16, out_dir=out / "capability")
+    benign = read_records(run / "data" / "benign_eval.jsonl")
+    capability = evaluate_models(models, [], [], judge="offline", benign=benign, safe_prompts=borderline,
+                                 max_new_tokens=40, batch_size=16, out_dir=out / "capability")
     suffixed = [replace(p, text=f"{p.text} {suffix_text}") for p in borderline]
     with_suffix = evaluate_models(models, [], [], judge="offline", safe_prompts=suffixed, max_new_tokens=40,
                                   batch_size=16, out_dir=out / "capability-suffixed")

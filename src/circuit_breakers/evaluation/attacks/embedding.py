@@ -193,13 +193,18 @@ def replay_soft_prompts(path: str | Path, prompts: Sequence[AttackPrompt], attac
     with safe_open(str(path), framework="pt") as handle:
         settings = json.loads((handle.metadata() or {}).get("settings", "{}"))
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    variants: dict[str, list[int]] = {}  # prompt id -> saved restarts ("<id>/<restart>"; ids may hold "/")
+    for key in tensors:
+        prompt_id, restart = key.rsplit("/", 1)
+        variants.setdefault(prompt_id, []).append(int(restart))
     out, missing = [], []
     for i, p in enumerate(prompts):
-        keys = sorted((k for k in tensors if k.rsplit("/", 1)[0] == (p.id or str(i))), key=lambda k: int(k.rsplit("/", 1)[1]))
-        if not keys:
-            missing.append(p.id or str(i))
-        for key in keys:
-            out.append(AttackInput(p.chat(), p, i, attack, variant=int(key.rsplit("/", 1)[1]), soft_prompt=tensors[key],
+        prompt_id = p.id or str(i)
+        if prompt_id not in variants:
+            missing.append(prompt_id)
+        for restart in sorted(variants.get(prompt_id, [])):
+            key = f"{prompt_id}/{restart}"
+            out.append(AttackInput(p.chat(), p, i, attack, variant=restart, soft_prompt=tensors[key],
                                    settings={**settings.get(key, {}), "replayed_from": str(path)}))
     if missing:
         raise AttackError(f"{path} has no soft prompt for prompt(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
