@@ -32,6 +32,7 @@ import torch
 from ..data.loaders import Prompt
 from ..data.records import Record
 from .attacks import Attack, AttackInput, AttackPrompt, make_attack, shared_context
+from .attacks.embedding import save_soft_prompts
 from .generation import generate, stop_token_ids
 from .judges import Judge, Verdict, detect_refusal, make_judge
 from .metrics import best_of_n, paired_difference, per_category, rate
@@ -569,21 +570,6 @@ def soft_prompt_file(out_dir: Path, model: str, cell: str) -> Path:
     """Where `evaluate_models(out_dir=...)` keeps the soft prompts of one (model, attack) cell."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{model}--{cell}")
     return Path(out_dir) / SOFT_PROMPTS_DIR / f"{safe}.safetensors"
-
-
-def save_soft_prompts(inputs: Sequence[AttackInput], path: Path) -> bool:
-    """Write the inputs' soft prompts as `{prompt id}/{variant}` tensors; False when there are none."""
-    from safetensors.torch import save_file
-
-    kept = {f"{item.prompt.id or item.prompt_index}/{item.variant}": item
-            for item in inputs if item.soft_prompt is not None}
-    if not kept:
-        return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    settings = json.dumps({key: _json_safe(item.settings) for key, item in kept.items()})
-    save_file({key: item.soft_prompt.detach().cpu().contiguous() for key, item in kept.items()}, str(path),
-              metadata={"settings": settings})
-    return True
 
 
 def _run_safe(

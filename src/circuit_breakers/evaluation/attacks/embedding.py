@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from .base import Attack, AttackError, AttackInput, AttackPrompt, Message, coerce_prompts, encode
+from .base import Attack, AttackError, AttackInput, AttackPrompt, Message, _jsonable, coerce_prompts, encode
 from .loss import Segments, embeds_loss, optimising
 
 log = logging.getLogger(__name__)
@@ -182,6 +182,22 @@ class EmbeddingAttack(Attack):
                               "best_step": res.best_step, "target_source": "benchmark" if p.target else "default"},
                 ))
         return out
+
+
+def save_soft_prompts(inputs: Sequence[AttackInput], path: str | Path) -> bool:
+    """Write the inputs' soft prompts as `{prompt id}/{variant}` tensors (settings in the metadata), the
+    format `replay_soft_prompts` reads; False when there are none."""
+    from safetensors.torch import save_file
+
+    kept = {f"{item.prompt.id or item.prompt_index}/{item.variant}": item
+            for item in inputs if item.soft_prompt is not None}
+    if not kept:
+        return False
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    settings = json.dumps({key: _jsonable(item.settings) for key, item in kept.items()})
+    save_file({key: item.soft_prompt.detach().cpu().contiguous() for key, item in kept.items()}, str(path),
+              metadata={"settings": settings})
+    return True
 
 
 def replay_soft_prompts(path: str | Path, prompts: Sequence[AttackPrompt], attack: str) -> list[AttackInput]:
