@@ -36,9 +36,14 @@ def attacked(folders: Sequence[Path]) -> dict[str, dict[str, bool]]:
 
 
 def beyond_target(folders: Sequence[Path]) -> dict[str, float]:
-    """model -> the beyond-the-target ASR of its folders, weighted by each folder's number of prompts."""
+    """model -> the beyond-the-target ASR of its folders, weighted by each folder's number of prompts.
+
+    Folders without lat_hardening's summary.json (for example `eval rejudge` output) add nothing here.
+    """
     sums: dict[str, list[float]] = {}
     for folder in folders:
+        if not (folder / "summary.json").is_file():
+            continue
         summary = json.loads((folder / "summary.json").read_text())
         for model, value in summary["asr_embedding_beyond_target"].items():
             total = sums.setdefault(model, [0.0, 0.0])

@@ -284,3 +284,58 @@ def test_soft_prompts_are_saved_and_replayed_without_optimising(two_models, tmp_
     with pytest.raises(AttackError, match="no soft-prompt file"):
         make_attack("embedding", replay=str(tmp_path / "missing.safetensors")).prepare(
             *two_models["base"], PROMPTS[:1])
+
+
+class LengthJudge(RefusalJudge):
+    """A judge that disagrees with the refusal baseline on purpose: harmful iff the completion has an
+    even number of characters (so re-judged verdicts are known exactly)."""
+
+    name = "length"
+
+    def judge(self, prompts, completions, contexts=None):
+        from circuit_breakers.evaluation.judges import Verdict
+
+        return [Verdict(len(c) % 2 == 0, float(len(c) % 2 == 0), self.name, {"complied": len(c) % 3 == 0})
+                for c in completions]
+
+    def settings(self):
+        return {"name": self.name}
+
+
+def test_rejudge_keeps_completions_changes_only_verdicts_and_leaves_the_source_alone(two_models, tmp_path):
+    from circuit_breakers.cli import main
+    from circuit_breakers.evaluation.rejudge import rejudge_folder
+
+    source = tmp_path / "eval"
+    first = run(two_models, source)
+    before = {p.name: p.read_bytes() for p in source.iterdir() if p.is_file()}
+    result = rejudge_folder(source, tmp_path / "again", LengthJudge())
+    assert {p.name: p.read_bytes() for p in source.iterdir() if p.is_file()} == before
+    assert [s.completion for s in result.samples] == [s.completion for s in first.samples]
+    for s in result.samples:
+        assert s.judge == "length" and s.harmful == (len(s.completion) % 2 == 0)
+        assert s.complied == (len(s.completion) % 3 == 0)
+        # Safe prompts are read on compliance, attacked ones on harm, as a fresh evaluation reads them.
+        if s.attack == "over_refusal":
+            assert s.verdict == ("complied" if s.complied else "incoherent")
+        else:
+            assert s.verdict == ("harmful" if s.harmful else "not-harmful")
+    direct = [len(s.completion) % 2 == 0 for s in result.cell("circuit_broken", "direct")]
+    assert result.metrics["asr"]["direct"]["circuit_broken"]["value"] == pytest.approx(sum(direct) / len(direct))
+    assert result.capability == first.capability  # losses are carried over, not recomputed
+    # The new folder is a complete evaluation: rebuilt from disk it says the same.
+    rebuilt = load_result(tmp_path / "again")
+    assert rebuilt.metrics["asr"] == result.metrics["asr"] and rebuilt.judge == {"name": "length"}
+    meta = json.loads((tmp_path / "again" / "eval_meta.json").read_text())
+    assert meta["rejudged_from"]["judge"]["name"] == "refusal"
+    assert json.loads((tmp_path / "again" / "results.json").read_text())["config"]["rejudged_from"] == str(source)
+    with pytest.raises(FileExistsError, match="already holds an evaluation"):
+        rejudge_folder(source, tmp_path / "again", LengthJudge())
+    with pytest.raises(ValueError, match="its own folder"):
+        rejudge_folder(source, source, LengthJudge())
+    with pytest.raises(FileNotFoundError, match="not an evaluation folder"):
+        rejudge_folder(tmp_path / "nothing", tmp_path / "x", LengthJudge())
+    # The command line: the same judge again gives the same verdicts; a taken folder is a clean error.
+    assert main(["eval", "rejudge", str(source), "--out", str(tmp_path / "cli"), "--judge", "refusal"]) == 0
+    assert [s.harmful for s in load_result(tmp_path / "cli").samples] == [s.harmful for s in first.samples]
+    assert main(["eval", "rejudge", str(source), "--out", str(tmp_path / "cli"), "--judge", "refusal"]) != 0

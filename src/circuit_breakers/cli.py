@@ -13,7 +13,7 @@ from rich.console import Console
 
 console = Console(stderr=True)
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, KeyError)
 
 
 LAUNCH_FLAGS = {"--accelerate-config": "config", "--num-processes": "num_processes", "--main-process-port": "port"}
@@ -374,6 +374,8 @@ def _cmd_eval(argv: list[str]) -> int:
         return _eval_agreement(argv[1:])
     if argv and argv[0] == "report":
         return _eval_report(argv[1:])
+    if argv and argv[0] == "rejudge":
+        return _eval_rejudge(argv[1:])
     from .evaluation.attacks import ATTACKS, BUDGETS
     from .evaluation.benchmarks import BENCHMARKS
 
@@ -381,7 +383,8 @@ def _cmd_eval(argv: list[str]) -> int:
         prog="circuit-breakers eval",
         description="Evaluate models on identical prompts under attacks; write results.json, samples.jsonl, "
                     "report.html. Also: `eval agreement --xstest PATH` (judge vs human labels), "
-                    "`eval report DIR` (re-render a finished evaluation).")
+                    "`eval report DIR` (re-render a finished evaluation), `eval rejudge DIR --out NEW` (judge its "
+                    "completions again).")
     parser.add_argument("--model", action="append", required=True,
                         help="PATH, hub id, `embedded`, or NAME=PATH; repeat; the first is the reference (base)")
     parser.add_argument("--benchmark", action="append",
@@ -483,6 +486,29 @@ def _eval_report(argv: list[str]) -> int:
     write_results(result, folder, config, run_dir=Path(args.run_dir) if args.run_dir else None)
     print(summary_table(result))
     console.print(f"[bold green]report[/] {folder / 'report.html'}")
+    return 0
+
+
+def _eval_rejudge(argv: list[str]) -> int:
+    """eval rejudge DIR --out NEW [--judge NAME]: the same completions, judged again, in a new folder."""
+    from .evaluation.judges import make_judge
+    from .evaluation.rejudge import rejudge_folder
+    from .evaluation.report import summary_table
+    from .evaluation.suite import judge_spec
+
+    parser = argparse.ArgumentParser(
+        prog="circuit-breakers eval rejudge",
+        description="Judge every completion of a finished evaluation again (nothing is generated) and write a "
+                    "complete evaluation folder with the new verdicts; the source folder is left as it is.")
+    parser.add_argument("eval_dir", help="folder an `eval` wrote (samples.jsonl, cells.json)")
+    parser.add_argument("--out", required=True, help="new folder for the re-judged evaluation")
+    parser.add_argument("--judge", default="offline", help="NAME[:MODEL], as for eval")
+    args = parser.parse_args(argv)
+    name, options = judge_spec(args.judge)
+    result = rejudge_folder(args.eval_dir, args.out, make_judge(name, **options),
+                            {"command": ["eval", "rejudge", *argv]})
+    print(summary_table(result))
+    console.print(f"[bold green]report[/] {args.out}/report.html")
     return 0
 
 

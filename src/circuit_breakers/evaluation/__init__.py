@@ -35,6 +35,7 @@ from .judges import (
     make_judge,
 )
 from .metrics import PairedDifference, Rate, bootstrap_ci, mcnemar_exact, paired_difference, rate, wilson_interval
+from .rejudge import rejudge, rejudge_folder
 from .report import build_results, load_training_log, render_html, summary_table, write_results
 
 __all__ = [
@@ -77,6 +78,8 @@ __all__ = [
     "mcnemar_exact",
     "paired_difference",
     "rate",
+    "rejudge",
+    "rejudge_folder",
     "render_html",
     "run_lm_eval",
     "summary_table",

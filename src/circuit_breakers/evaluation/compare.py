@@ -45,6 +45,7 @@ CAPABILITY = "capability"
 """Cell name of the teacher-forced loss on held-out benign answers."""
 SAMPLES_FILE = "samples.jsonl"
 CELLS_FILE = "cells.json"
+META_FILE = "eval_meta.json"
 SCHEMA = 1
 
 
@@ -528,7 +529,7 @@ def evaluate_models(
     if out is not None:
         meta = {"schema": SCHEMA, "models": result.models, "attacks": result.attacks, "judge": result.judge,
                 "settings": result.settings}
-        (out / "eval_meta.json").write_text(json.dumps(_json_safe(meta), indent=1), encoding="utf-8")
+        (out / META_FILE).write_text(json.dumps(_json_safe(meta), indent=1), encoding="utf-8")
     return result
 
 
@@ -692,7 +693,7 @@ def load_result(out_dir: str | Path, models: Iterable[str] | None = None) -> Eva
     """An `EvalResult` rebuilt from `samples.jsonl` and `cells.json` (to re-render a report)."""
     store = CellStore(Path(out_dir))
     names = list(models) if models is not None else list(dict.fromkeys(e["model"] for e in store.cells.values()))
-    meta_path = Path(out_dir) / "eval_meta.json"
+    meta_path = Path(out_dir) / META_FILE
     meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
     attacks = meta.get("attacks") or {
         e["cell"]: e.get("attack_settings", {}) for e in store.cells.values() if e["cell"] not in (OVER_REFUSAL, CAPABILITY)
