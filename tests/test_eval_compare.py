@@ -308,6 +308,8 @@ def test_rejudge_keeps_completions_changes_only_verdicts_and_leaves_the_source_a
 
     source = tmp_path / "eval"
     first = run(two_models, source)
+    with (source / "samples.jsonl").open("a") as handle:  # a row cut by an interruption stays where it is
+        handle.write('{"model": "base", "attack": "direct", "cut')
     before = {p.name: p.read_bytes() for p in source.iterdir() if p.is_file()}
     result = rejudge_folder(source, tmp_path / "again", LengthJudge())
     assert {p.name: p.read_bytes() for p in source.iterdir() if p.is_file()} == before

@@ -281,13 +281,14 @@ class CellStore:
     settings changed.
     """
 
-    def __init__(self, out_dir: Path | None) -> None:
+    def __init__(self, out_dir: Path | None, read_only: bool = False) -> None:
         self.out_dir = out_dir
         self.cells: dict[str, dict[str, Any]] = {}
         self.samples: list[Sample] = []
         if out_dir is None:
             return
-        out_dir.mkdir(parents=True, exist_ok=True)
+        if not read_only:
+            out_dir.mkdir(parents=True, exist_ok=True)
         cells_path, samples_path = out_dir / CELLS_FILE, out_dir / SAMPLES_FILE
         if cells_path.is_file():
             state = json.loads(cells_path.read_text(encoding="utf-8"))
@@ -304,7 +305,8 @@ class CellStore:
                     if key in self.cells and row.get("cell") == self.cells[key]["fingerprint"]:
                         rows.append(Sample.from_dict(row))
         self.samples = rows
-        self._rewrite()
+        if not read_only:
+            self._rewrite()
 
     @staticmethod
     def key(model: str, cell: str) -> str:
@@ -689,9 +691,13 @@ def _relative_change(base: Sequence[float], other: Sequence[float], seed: int) -
 # Rebuilding a result from disk, and the CLI entry
 
 
-def load_result(out_dir: str | Path, models: Iterable[str] | None = None) -> EvalResult:
-    """An `EvalResult` rebuilt from `samples.jsonl` and `cells.json` (to re-render a report)."""
-    store = CellStore(Path(out_dir))
+def load_result(out_dir: str | Path, models: Iterable[str] | None = None, read_only: bool = False) -> EvalResult:
+    """An `EvalResult` rebuilt from `samples.jsonl` and `cells.json` (to re-render a report).
+
+    By default the folder's samples.jsonl is rewritten without rows of unfinished or stale cells, as
+    `evaluate_models` would; `read_only` leaves every file as it is.
+    """
+    store = CellStore(Path(out_dir), read_only=read_only)
     names = list(models) if models is not None else list(dict.fromkeys(e["model"] for e in store.cells.values()))
     meta_path = Path(out_dir) / META_FILE
     meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}

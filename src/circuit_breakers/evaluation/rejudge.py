@@ -66,11 +66,11 @@ def rejudge_folder(source: str | Path, destination: str | Path, judge: Judge,
         raise ValueError("the re-judged evaluation needs its own folder: the source is kept as it is")
     if (destination / CELLS_FILE).is_file() or (destination / SAMPLES_FILE).is_file():
         raise FileExistsError(f"{destination}: already holds an evaluation; choose an empty folder")
-    before = load_result(source)
+    before = load_result(source, read_only=True)
     after = rejudge(before, judge)
     settings = judge.settings()
     store = CellStore(destination)
-    for entry in CellStore(source).cells.values():
+    for entry in CellStore(source, read_only=True).cells.values():
         model, cell = entry["model"], entry["cell"]
         extra = {k: v for k, v in entry.items() if k not in ("model", "cell", "fingerprint", "n")}
         store.finish(model, cell, fingerprint(entry["fingerprint"], settings), after.cell(model, cell),
