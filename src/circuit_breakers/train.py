@@ -474,14 +474,22 @@ def train(
                "examples": {name: len(r.examples) for name, r in rendered.items()},
                "distributed": trainer.engine()}
     merged_dir = None
-    if trainer.is_world_process_zero():
-        try:
-            if cb_cfg.merge:
-                merged_dir = export_merged(adapter_dir, model_cfg.model_name_or_path, out / "merged", model_cfg.dtype,
-                                           model_cfg.trust_remote_code)
-            write_atomic(out / "summary.json", json.dumps(summary, indent=2, default=str))
-            write_atomic(out / "train_log.jsonl", "".join(json.dumps(row) + "\n" for row in trainer.state.log_history))
-        except OSError as err:
-            reason = f"disk full ({err.filename})" if err.errno == errno.ENOSPC else str(err)
-            raise CheckpointError(f"could not finish writing {out}: {reason}; the adapter {adapter_dir} is complete") from err
+    try:
+        if trainer.is_world_process_zero():
+            try:
+                if cb_cfg.merge:
+                    merged_dir = export_merged(adapter_dir, model_cfg.model_name_or_path, out / "merged",
+                                               model_cfg.dtype, model_cfg.trust_remote_code)
+                write_atomic(out / "summary.json", json.dumps(summary, indent=2, default=str))
+                write_atomic(out / "train_log.jsonl",
+                             "".join(json.dumps(row) + "\n" for row in trainer.state.log_history))
+            except OSError as err:
+                reason = f"disk full ({err.filename})" if err.errno == errno.ENOSPC else str(err)
+                raise CheckpointError(
+                    f"could not finish writing {out}: {reason}; the adapter {adapter_dir} is complete") from err
+    finally:
+        # The other workers wait for the main one's writes (also when they fail) before they leave: a
+        # worker that tore down its process group while the main one was still merging was sometimes
+        # aborted by gloo (SIGABRT), failing a finished run.
+        trainer.accelerator.wait_for_everyone()
     return TrainResult(out, adapter_dir, merged_dir, summary, list(trainer.state.log_history))
