@@ -311,6 +311,9 @@ def test_rejudge_keeps_completions_changes_only_verdicts_and_leaves_the_source_a
     with (source / "samples.jsonl").open("a") as handle:  # a row cut by an interruption stays where it is
         handle.write('{"model": "base", "attack": "direct", "cut')
     before = {p.name: p.read_bytes() for p in source.iterdir() if p.is_file()}
+    from circuit_breakers.evaluation.rejudge import rejudge
+
+    assert rejudge(first, LengthJudge()).out_dir is None  # a re-judged result no longer speaks for `source`
     result = rejudge_folder(source, tmp_path / "again", LengthJudge())
     assert {p.name: p.read_bytes() for p in source.iterdir() if p.is_file()} == before
     assert [s.completion for s in result.samples] == [s.completion for s in first.samples]

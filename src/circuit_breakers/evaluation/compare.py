@@ -697,7 +697,14 @@ def load_result(out_dir: str | Path, models: Iterable[str] | None = None, read_o
     By default the folder's samples.jsonl is rewritten without rows of unfinished or stale cells, as
     `evaluate_models` would; `read_only` leaves every file as it is.
     """
-    store = CellStore(Path(out_dir), read_only=read_only)
+    return result_from_store(CellStore(Path(out_dir), read_only=read_only), models)
+
+
+def result_from_store(store: CellStore, models: Iterable[str] | None = None) -> EvalResult:
+    """An `EvalResult` from an opened evaluation folder (its cells, samples and eval_meta.json)."""
+    if store.out_dir is None:
+        raise ValueError("an in-memory CellStore has no evaluation folder to rebuild a result from")
+    out_dir = store.out_dir
     names = list(models) if models is not None else list(dict.fromkeys(e["model"] for e in store.cells.values()))
     meta_path = Path(out_dir) / META_FILE
     meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}

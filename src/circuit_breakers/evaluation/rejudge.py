@@ -20,10 +20,11 @@ from .compare import (
     META_FILE,
     OVER_REFUSAL,
     SAMPLES_FILE,
+    SOFT_PROMPTS_DIR,
     CellStore,
     EvalResult,
     fingerprint,
-    load_result,
+    result_from_store,
     safe_compliance,
     verdict_label,
 )
@@ -46,7 +47,8 @@ def rejudge(result: EvalResult, judge: Judge) -> EvalResult:
         label = verdict_label(verdict.harmful, {**verdict.details, "complied": complied}, safe=safe)
         judged.append(replace(sample, harmful=bool(verdict.harmful), complied=complied, score=float(verdict.score),
                               judge=verdict.judge, verdict=label, judge_details=dict(verdict.details)))
-    out = replace(result, samples=judged, judge=judge.settings(), metrics={})
+    # No longer the verdicts of `result.out_dir`: writing this result must not reuse that folder's files.
+    out = replace(result, samples=judged, judge=judge.settings(), metrics={}, out_dir=None)
     out.recompute()
     return out
 
@@ -66,11 +68,12 @@ def rejudge_folder(source: str | Path, destination: str | Path, judge: Judge,
         raise ValueError("the re-judged evaluation needs its own folder: the source is kept as it is")
     if (destination / CELLS_FILE).is_file() or (destination / SAMPLES_FILE).is_file():
         raise FileExistsError(f"{destination}: already holds an evaluation; choose an empty folder")
-    before = load_result(source, read_only=True)
+    stored = CellStore(source, read_only=True)  # the source folder is read once and never written
+    before = result_from_store(stored)
     after = rejudge(before, judge)
     settings = judge.settings()
     store = CellStore(destination)
-    for entry in CellStore(source, read_only=True).cells.values():
+    for entry in stored.cells.values():
         model, cell = entry["model"], entry["cell"]
         extra = {k: v for k, v in entry.items() if k not in ("model", "cell", "fingerprint", "n")}
         store.finish(model, cell, fingerprint(entry["fingerprint"], settings), after.cell(model, cell),
@@ -79,9 +82,8 @@ def rejudge_folder(source: str | Path, destination: str | Path, judge: Judge,
     meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
     meta.update(judge=settings, rejudged_from={"folder": str(source), "judge": before.judge})
     (destination / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
-    soft_prompts = source / "soft_prompts"
-    if soft_prompts.is_dir() and not (destination / "soft_prompts").exists():
-        shutil.copytree(soft_prompts, destination / "soft_prompts")
+    if (source / SOFT_PROMPTS_DIR).is_dir() and not (destination / SOFT_PROMPTS_DIR).exists():
+        shutil.copytree(source / SOFT_PROMPTS_DIR, destination / SOFT_PROMPTS_DIR)
     previous = source / "results.json"
     base_config = json.loads(previous.read_text(encoding="utf-8")).get("config", {}) if previous.is_file() else {}
     after = replace(after, out_dir=destination)
