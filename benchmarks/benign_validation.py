@@ -22,7 +22,7 @@ from circuit_breakers.data.generate import generate_completions
 from circuit_breakers.data.loaders import load_builtin_prompts
 from circuit_breakers.data.records import read_records
 from circuit_breakers.models import load_model_and_tokenizer
-from circuit_breakers.pipeline import split_prompts
+from circuit_breakers.experiments.main_job import split_prompts
 
 
 def main() -> None:

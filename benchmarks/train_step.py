@@ -46,8 +46,8 @@ from circuit_breakers.data.records import Record
 from circuit_breakers.data.render import Example, render_all
 from circuit_breakers.losses import coefficients
 from circuit_breakers.models import load_model, load_tokenizer, truncate_layers
-from circuit_breakers.train import add_lora
-from circuit_breakers.trainer import CircuitBreakerTrainer, chunk_rows, resolve_retain_layers
+from circuit_breakers.training.run import add_lora
+from circuit_breakers.training.trainer import CircuitBreakerTrainer, chunk_rows, resolve_retain_layers
 
 # The original code's fixed shapes.
 REF_PROMPT_LEN = 512

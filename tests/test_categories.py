@@ -7,7 +7,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from circuit_breakers.categories import (
+from circuit_breakers.experiments.categories import (
     COMBINED, asr_matrix, by_category, category_experiment, category_sets, combine_adapters, load_adapters,
     specificity,
 )
@@ -15,7 +15,7 @@ from circuit_breakers.config import ConfigError, ModelConfig, parse_config
 from circuit_breakers.data.loaders import Prompt, read_prompts
 from circuit_breakers.data.records import Record
 from circuit_breakers.models import export_merged, load_model
-from circuit_breakers.train import add_lora
+from circuit_breakers.training.run import add_lora
 from helpers import save_tiny
 
 

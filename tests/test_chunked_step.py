@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from circuit_breakers.config import CircuitBreakerConfig, ConfigError, ModelConfig
-from circuit_breakers.train import add_lora
-from circuit_breakers.trainer import CircuitBreakerTrainer, chunk_rows
+from circuit_breakers.training.run import add_lora
+from circuit_breakers.training.trainer import CircuitBreakerTrainer, chunk_rows
 from helpers import make_model
 
 

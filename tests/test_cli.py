@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from circuit_breakers.cli import main
+from circuit_breakers.cli.main import main
 from circuit_breakers.config import ConfigError, parse_config
 from helpers import save_tiny
 

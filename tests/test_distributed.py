@@ -11,9 +11,9 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from circuit_breakers.cli import accelerate_launch_command, main
+from circuit_breakers.cli.main import accelerate_launch_command, main
 from circuit_breakers.config import ACCELERATE_CONFIGS_DIR, ConfigError, accelerate_config_path, parse_config
-from circuit_breakers.train import train
+from circuit_breakers.training.run import train
 from helpers import save_tiny
 
 SHIPPED = ["ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3"]
@@ -160,7 +160,7 @@ def test_launch_command_uses_a_free_port_and_rejects_unknown_configs(tmp_path):
 def test_only_the_main_process_logs_info(monkeypatch, rank, level):
     import logging
 
-    from circuit_breakers.cli import configure_logging
+    from circuit_breakers.cli.main import configure_logging
 
     if rank is None:
         monkeypatch.delenv("RANK", raising=False)

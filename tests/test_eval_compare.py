@@ -303,7 +303,7 @@ class LengthJudge(RefusalJudge):
 
 
 def test_rejudge_keeps_completions_changes_only_verdicts_and_leaves_the_source_alone(two_models, tmp_path):
-    from circuit_breakers.cli import main
+    from circuit_breakers.cli.main import main
     from circuit_breakers.evaluation.rejudge import rejudge_folder
 
     source = tmp_path / "eval"

@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import save_tiny
 
-from circuit_breakers.cli import main
+from circuit_breakers.cli.main import main
 from circuit_breakers.evaluation.compare import EvalResult, Sample
 from circuit_breakers.evaluation.report import load_training_log, summary_table, write_results
 from circuit_breakers.evaluation.suite import judge_spec, load_suite, model_specs

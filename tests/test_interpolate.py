@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from circuit_breakers.cli import main
+from circuit_breakers.cli.main import main
 from circuit_breakers.data.records import Record, write_records
 from circuit_breakers.evaluation.capability import teacher_forced_loss
-from circuit_breakers.interpolate import (
+from circuit_breakers.experiments.interpolate import (
     InterpolationError, check_compatible, interpolate_within_budget, set_interpolated,
 )
 from circuit_breakers.models import load_model, load_tokenizer

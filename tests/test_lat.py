@@ -135,7 +135,7 @@ def test_prompt_only_adversary_leaves_the_completion_tokens_alone(tmp_path):
 def test_insert_slots_puts_the_suffix_before_the_end_of_the_user_turn():
     """Circuit-breaker rows get the placeholders right before the last end of a user turn (where the embedding
     attack's soft prompt sits), outside both loss masks; retain rows are only padded."""
-    from circuit_breakers.trainer import insert_slots
+    from circuit_breakers.training.trainer import insert_slots
 
     ids = torch.tensor([[5, 7, 8, 6, 7, 8, 30, 31, 0], [5, 40, 7, 8, 41, 42, 0, 0, 0]])
     attn = (ids > 0).long()
@@ -159,7 +159,7 @@ def test_insert_slots_puts_the_suffix_before_the_end_of_the_user_turn():
 
 def suffix_batch():
     """`batch()` with an end of user turn (ids 1, 2) planted before each circuit-breaker row's completion."""
-    from circuit_breakers.trainer import insert_slots
+    from circuit_breakers.training.trainer import insert_slots
 
     inputs = batch()
     for row in range(3):

@@ -5,7 +5,7 @@ import torch
 
 from circuit_breakers.config import CircuitBreakerConfig, ConfigError
 from circuit_breakers.representations import hidden_states, stacked
-from circuit_breakers.trainer import LAYER_WEIGHTS_FILE
+from circuit_breakers.training.trainer import LAYER_WEIGHTS_FILE
 from test_chunked_step import batch, trainer_for
 
 

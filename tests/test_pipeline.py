@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from circuit_breakers.cli import main
+from circuit_breakers.cli.main import main
 from circuit_breakers.config import CircuitBreakerConfig
 from circuit_breakers.data.loaders import Prompt, read_prompts
 from circuit_breakers.data.records import read_records
-from circuit_breakers.pipeline import Run, Stage, split_prompts
+from circuit_breakers.experiments.main_job import Run, Stage, split_prompts
 from helpers import save_tiny
 
 TOY = ["--n_harmful_train", "6", "--n_harmful_eval", "4", "--n_benign_train", "6", "--n_benign_eval", "3",
@@ -102,8 +102,8 @@ def test_held_out_prompts_never_trained_on(toy_run):
 
 def test_second_run_reuses_stages_and_eval_change_reruns_only_evaluation(toy_run, monkeypatch):
     root, args = toy_run
-    import circuit_breakers.pipeline as pipeline
-    import circuit_breakers.train as train_module
+    import circuit_breakers.experiments.main_job as pipeline
+    import circuit_breakers.training.run as train_module
 
     def fail(*_a, **_k):
         raise AssertionError("a finished stage ran again")
@@ -121,7 +121,7 @@ def test_second_run_reuses_stages_and_eval_change_reruns_only_evaluation(toy_run
 
 def test_changed_training_setting_retrains_over_the_old_folder_and_keeps_the_data(toy_run, monkeypatch):
     root, args = toy_run
-    import circuit_breakers.pipeline as pipeline
+    import circuit_breakers.experiments.main_job as pipeline
 
     def fail(*_a, **_k):
         raise AssertionError("the data stage ran again")

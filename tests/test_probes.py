@@ -7,7 +7,7 @@ import pytest
 from circuit_breakers.data.records import Record
 from circuit_breakers.data.render import render_all
 from circuit_breakers.models import find_decoder_layers
-from circuit_breakers.probes import (
+from circuit_breakers.guard.probes import (
     Probe, ProbeMonitor, ProbeSettings, calibrate, detection_rates, example_scores, token_features, train_probe,
     window_score,
 )
@@ -108,7 +108,7 @@ def test_monitor_halts_generation_when_the_probe_fires_and_unhooks(tiny, thresho
 def test_cli_probe_train_writes_probe_and_held_out_report(tmp_path):
     import json
 
-    from circuit_breakers.cli import main
+    from circuit_breakers.cli.main import main
     from helpers import save_tiny
 
     model = save_tiny(tmp_path / "model", layers=4)

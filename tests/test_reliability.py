@@ -18,12 +18,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from circuit_breakers.cli import main
+from circuit_breakers.cli.main import main
 from circuit_breakers.config import ConfigError, parse_config
 from circuit_breakers.data.records import DataError
 from circuit_breakers.models import ModelError, load_model
-from circuit_breakers.train import RUN_FILE, layer_plan, train
-from circuit_breakers.trainer import CheckpointError, TrainingInterrupted
+from circuit_breakers.training.run import RUN_FILE, layer_plan, train
+from circuit_breakers.training.trainer import CheckpointError, TrainingInterrupted
 from helpers import save_tiny
 
 HARMFUL = "Sure, here is how to do it step by step. Mix flour, water, yeast and salt, then knead."
@@ -85,8 +85,8 @@ CHILD = textwrap.dedent("""
     import sys, time
     from transformers import TrainerCallback
     from circuit_breakers.config import parse_config
-    from circuit_breakers.train import train
-    from circuit_breakers.trainer import TrainingInterrupted
+    from circuit_breakers.training.run import train
+    from circuit_breakers.training.trainer import TrainingInterrupted
 
     class Pace(TrainerCallback):  # slow enough that the signal lands mid-run, never after the end
         def on_step_end(self, args, state, control, **kwargs):
@@ -245,7 +245,7 @@ def test_output_dir_holding_a_different_run_is_refused_unless_overwritten(setup,
 def test_same_run_in_the_same_dir_is_allowed(setup, reference):
     """Re-running (or resuming) the identical run in its folder is not 'a different run'."""
     _, _, ref_dir = reference
-    from circuit_breakers.train import check_output_dir, read_labelled, run_identity
+    from circuit_breakers.training.run import check_output_dir, read_labelled, run_identity
 
     m, d, c = parse_config(args(setup, ref_dir, "--logging_steps", "3", "--save_steps", "7"))
     identity = run_identity(m, d, c, [r for _, r in read_labelled(d.cb_data)], [r for _, r in read_labelled(d.retain_data)])
@@ -256,7 +256,7 @@ def test_a_setting_added_later_at_its_default_is_the_same_run(setup, reference, 
     """A run recorded by a version without `lat_positions` is the same run when the setting is at its
     default (which reproduces the old behaviour), and a different one when it is not."""
     _, _, ref_dir = reference
-    from circuit_breakers.train import check_output_dir, read_labelled, run_identity
+    from circuit_breakers.training.run import check_output_dir, read_labelled, run_identity
 
     old = tmp_path / "old"
     (old / "adapter").mkdir(parents=True)

@@ -18,8 +18,8 @@ import pytest
 from circuit_breakers.data.records import Record
 from circuit_breakers.data.render import render_all
 from circuit_breakers.models import load_model_and_tokenizer, num_layers
-from circuit_breakers.probes import Probe, ProbeSettings, calibrate, example_scores, train_probe
-from circuit_breakers.serve import DEFAULT_REFUSAL, GuardedGenerator, create_app
+from circuit_breakers.guard.probes import Probe, ProbeSettings, calibrate, example_scores, train_probe
+from circuit_breakers.guard.server import DEFAULT_REFUSAL, GuardedGenerator, create_app
 from helpers import make_model, make_tokenizer
 
 

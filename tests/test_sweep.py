@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-import circuit_breakers.sweep as sweep
-from circuit_breakers.cli import main
+import circuit_breakers.experiments.sweep as sweep
+from circuit_breakers.cli.main import main
 from circuit_breakers.config import ConfigError
-from circuit_breakers.pipeline import Run
-from circuit_breakers.sweep import data_stage_key, grid_points, parse_grid, run_sweep
+from circuit_breakers.experiments.main_job import Run
+from circuit_breakers.experiments.sweep import data_stage_key, grid_points, parse_grid, run_sweep
 from helpers import save_tiny
 
 TOY = ["--n_harmful_train", "6", "--n_harmful_eval", "4", "--n_benign_train", "6", "--n_benign_eval", "3",
@@ -120,7 +120,7 @@ def test_a_failing_point_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch
 def toy_sweep(tmp_path_factory):
     """Two points (max_steps 1 and 2) with the same data settings; calls counted by kind and model."""
     import circuit_breakers.evaluation.compare as compare
-    import circuit_breakers.pipeline as pipeline
+    import circuit_breakers.experiments.main_job as pipeline
 
     tmp = tmp_path_factory.mktemp("sweep")
     tiny = save_tiny(tmp / "model", "llama", "chatml", layers=6)
@@ -190,8 +190,8 @@ def test_sweep_json_and_table_have_one_row_per_point(toy_sweep):
 
 def test_rerunning_the_sweep_resumes_without_recomputing_or_clobbering(toy_sweep, monkeypatch):
     root, args, _ = toy_sweep
-    import circuit_breakers.pipeline as pipeline
-    import circuit_breakers.train as train_module
+    import circuit_breakers.experiments.main_job as pipeline
+    import circuit_breakers.training.run as train_module
 
     def fail(*_a, **_k):
         raise AssertionError("finished work ran again")
@@ -221,7 +221,7 @@ def test_data_stage_key_is_the_one_the_pipeline_records(toy_sweep):
 
 def test_data_from_takes_an_existing_runs_data_when_its_settings_match(toy_sweep, monkeypatch):
     root, args, _ = toy_sweep
-    import circuit_breakers.pipeline as pipeline
+    import circuit_breakers.experiments.main_job as pipeline
 
     def fail(*_a, **_k):
         raise AssertionError("the data was built again")

@@ -7,8 +7,8 @@ from peft import PeftModel
 from circuit_breakers.config import parse_config
 from circuit_breakers.data.records import Record
 from circuit_breakers.models import load_model, num_layers
-from circuit_breakers.train import train
-from circuit_breakers.trainer import TrainingDiverged
+from circuit_breakers.training.run import train
+from circuit_breakers.training.trainer import TrainingDiverged
 from helpers import save_tiny
 
 HARMFUL = "Sure, here is how to do it step by step. Mix flour, water, yeast and salt, then knead."
@@ -58,7 +58,7 @@ def test_training_changes_lora_and_reroutes_while_retaining(tiny_dir, tmp_path):
 
 
 def test_lora_parameters_change_from_init(tiny_dir, tmp_path):
-    from circuit_breakers.train import setup_model
+    from circuit_breakers.training.run import setup_model
 
     m, d, c = config(tiny_dir, tmp_path / "run", *CHOSEN, "--max_steps", "2", "--merge", "false")
     peft_model, _, _ = setup_model(m, c)

@@ -301,7 +301,7 @@ def export_merged(
     if isinstance(adapter_dir, (str, Path)):
         merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     else:
-        from .categories import combine_adapters, load_adapters
+        from .experiments.categories import combine_adapters, load_adapters
 
         dirs = [Path(d) for d in adapter_dir]
         model = load_adapters(base, {f"adapter{i}": d for i, d in enumerate(dirs)})

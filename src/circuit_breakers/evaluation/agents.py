@@ -381,7 +381,7 @@ def agent_experiment(
     from ..config import parse_config
     from ..data.agents import case_counts, favourite_counts, records_from_cases, split_cases
     from ..models import load_model, load_model_and_tokenizer
-    from ..train import train
+    from ..training.run import train
 
     model_cfg, data_cfg, cb_cfg = parse_config(list(config_args))
     splits = split_cases(cases, heldout_attacks=heldout_attacks, seed=seed)

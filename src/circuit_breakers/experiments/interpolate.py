@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from .data.records import Record
+from ..data.records import Record
 
 DEFAULT_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)
 
@@ -78,8 +78,8 @@ def interpolate_within_budget(
     `1 + max_loss_change` times the base model's, and how it was chosen. Raises InterpolationError
     when no weight on the grid is within the budget (the start itself may not be). Works in float32 and
     holds three copies of the weights (the model, start, end): about 1.6 GB for the embedded model."""
-    from .evaluation.capability import teacher_forced_loss
-    from .models import load_model, load_tokenizer
+    from ..evaluation.capability import teacher_forced_loss
+    from ..models import load_model, load_tokenizer
 
     if not records:
         raise InterpolationError("no validation records to read the budget on")
@@ -108,7 +108,7 @@ def interpolate_within_budget(
 def save_interpolation(model: nn.Module, result: Interpolation, out_dir: str | Path) -> Path:
     """The chosen model, the start model's tokenizer and `interpolation.json` (the weight and the
     readings behind it)."""
-    from .models import load_tokenizer, save_model
+    from ..models import load_tokenizer, save_model
 
     record = json.dumps(asdict(result), indent=2)
     return save_model(model, load_tokenizer(result.start), out_dir, {"interpolation.json": record})

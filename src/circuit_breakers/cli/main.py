@@ -51,7 +51,7 @@ def accelerate_launch_command(config: str, train_argv: list[str], num_processes:
 
     import torch
 
-    from .config import ACCELERATE_CONFIGS_DIR, accelerate_config_path
+    from ..config import ACCELERATE_CONFIGS_DIR, accelerate_config_path
 
     path = accelerate_config_path(config)
     settings = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -114,16 +114,16 @@ def _print_config_help(prog: str) -> None:
     """Every recipe key as a `--key` option: `run` and `train` take the same ones."""
     from transformers import HfArgumentParser
 
-    from .config import CONFIG_CLASSES
+    from ..config import CONFIG_CLASSES
 
     HfArgumentParser(CONFIG_CLASSES, prog=prog).print_help()
 
 
 def _cmd_train(argv: list[str]) -> int:
     """train --config recipe.yaml [--any_field value ...] [--accelerate-config ddp|fsdp2|deepspeed_zero2|deepspeed_zero3|PATH]"""
-    from .config import parse_config
-    from .train import train
-    from .trainer import CheckpointError, TrainingDiverged, TrainingInterrupted
+    from ..config import parse_config
+    from ..training.run import train
+    from ..training.trainer import CheckpointError, TrainingDiverged, TrainingInterrupted
 
     if argv and argv[0] in ("-h", "--help"):
         _print_config_help("circuit-breakers train")
@@ -158,7 +158,7 @@ def _cmd_train(argv: list[str]) -> int:
 
 def _cmd_merge(argv: list[str]) -> int:
     """merge ADAPTER_DIR OUT_DIR [--base MODEL] [--dtype DTYPE]"""
-    from .models import export_merged
+    from ..models import export_merged
 
     parser = argparse.ArgumentParser(prog="circuit-breakers merge", description="Merge an adapter into its full base model.")
     parser.add_argument("adapter_dir")
@@ -179,8 +179,8 @@ def _cmd_merge(argv: list[str]) -> int:
 
 def _cmd_interpolate(argv: list[str]) -> int:
     """interpolate START END OUT --data VAL: the largest step from START towards END within a capability budget"""
-    from .data.records import read_records
-    from .interpolate import DEFAULT_GRID, interpolate_within_budget, save_interpolation
+    from ..data.records import read_records
+    from ..experiments.interpolate import DEFAULT_GRID, interpolate_within_budget, save_interpolation
 
     parser = argparse.ArgumentParser(
         prog="circuit-breakers interpolate",
@@ -227,9 +227,9 @@ def _cmd_probe(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from pathlib import Path
 
-    from .data.records import read_records
-    from .models import load_model_and_tokenizer, num_layers
-    from .probes import fit_probe
+    from ..data.records import read_records
+    from ..models import load_model_and_tokenizer, num_layers
+    from ..guard.probes import fit_probe
 
     harmful = [r for path in args.harmful.split(",") for r in read_records(path)]
     benign = [r for path in args.benign.split(",") for r in read_records(path)]
@@ -261,9 +261,9 @@ def _cmd_serve(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from pathlib import Path
 
-    from .models import load_model_and_tokenizer, resolve_model_path
-    from .probes import Probe
-    from .serve import DEFAULT_REFUSAL, GuardedGenerator, run_server
+    from ..models import load_model_and_tokenizer, resolve_model_path
+    from ..guard.probes import Probe
+    from ..guard.server import DEFAULT_REFUSAL, GuardedGenerator, run_server
 
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
     if args.adapter:
@@ -283,8 +283,8 @@ def _cmd_serve(argv: list[str]) -> int:
 
 def _cmd_run(argv: list[str]) -> int:
     """run [recipe.yaml] [--any_field value ...]: data -> train -> merge -> evaluate -> report"""
-    from .config import parse_run_config
-    from .pipeline import run_pipeline
+    from ..config import parse_run_config
+    from ..experiments.main_job import run_pipeline
 
     if any(a in ("-h", "--help") for a in argv):
         _print_config_help("circuit-breakers run [RECIPE]")
@@ -300,7 +300,7 @@ def _cmd_run(argv: list[str]) -> int:
 
 def _cmd_sweep(argv: list[str]) -> int:
     """sweep [recipe.yaml] --grid KEY=V1|V2 [--grid ...] [--any_field value ...]: the main job over a grid, one table"""
-    from .sweep import GRID_HELP, parse_grid, run_sweep
+    from ..experiments.sweep import GRID_HELP, parse_grid, run_sweep
 
     parser = argparse.ArgumentParser(
         prog="circuit-breakers sweep", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -347,13 +347,13 @@ def _cmd_data(argv: list[str]) -> int:
     gen.add_argument("--refusal_retain", action="store_true", help="keep only the model's refusals (raw output beside OUT)")
     args = parser.parse_args(argv)
     if args.action == "inspect":
-        from .data.report import inspect
+        from ..data.report import inspect
 
         inspect(args.path, args.model, args.mask_mode, args.max_length)
         return 0
-    from .data import generate as g
-    from .data.loaders import load_prompt_file
-    from .models import load_model_and_tokenizer
+    from ..data import generate as g
+    from ..data.loaders import load_prompt_file
+    from ..models import load_model_and_tokenizer
 
     prompts = load_prompt_file(args.prompts)
     model, tokenizer = load_model_and_tokenizer(args.model)
@@ -376,8 +376,8 @@ def _cmd_eval(argv: list[str]) -> int:
         return _eval_report(argv[1:])
     if argv and argv[0] == "rejudge":
         return _eval_rejudge(argv[1:])
-    from .evaluation.attacks import ATTACKS, BUDGETS
-    from .evaluation.benchmarks import BENCHMARKS
+    from ..evaluation.attacks import ATTACKS, BUDGETS
+    from ..evaluation.benchmarks import BENCHMARKS
 
     parser = argparse.ArgumentParser(
         prog="circuit-breakers eval",
@@ -411,10 +411,10 @@ def _cmd_eval(argv: list[str]) -> int:
 
     from pathlib import Path
 
-    from .data.records import read_records
-    from .evaluation.compare import evaluate_models
-    from .evaluation.report import summary_table, write_results
-    from .evaluation.suite import judge_spec, load_suite, model_specs
+    from ..data.records import read_records
+    from ..evaluation.compare import evaluate_models
+    from ..evaluation.report import summary_table, write_results
+    from ..evaluation.suite import judge_spec, load_suite, model_specs
 
     models = model_specs(args.model)
     judge, judge_options = judge_spec(args.judge)
@@ -437,8 +437,8 @@ def _cmd_eval(argv: list[str]) -> int:
 
 def _eval_agreement(argv: list[str]) -> int:
     """eval agreement --xstest PATH: a judge's agreement with XSTest's human labels of GPT-4 answers."""
-    from .evaluation.judges import judge_agreement, make_judge
-    from .evaluation.suite import judge_spec, xstest_completions_path
+    from ..evaluation.judges import judge_agreement, make_judge
+    from ..evaluation.suite import judge_spec, xstest_completions_path
 
     parser = argparse.ArgumentParser(prog="circuit-breakers eval agreement",
                                      description="Agreement of a judge's compliance decision with the human labels "
@@ -470,8 +470,8 @@ def _eval_report(argv: list[str]) -> int:
     """eval report DIR: rebuild results.json and report.html from a finished evaluation folder."""
     from pathlib import Path
 
-    from .evaluation.compare import load_result
-    from .evaluation.report import summary_table, write_results
+    from ..evaluation.compare import load_result
+    from ..evaluation.report import summary_table, write_results
 
     parser = argparse.ArgumentParser(prog="circuit-breakers eval report")
     parser.add_argument("eval_dir", help="folder an `eval` wrote (samples.jsonl, cells.json)")
@@ -491,10 +491,10 @@ def _eval_report(argv: list[str]) -> int:
 
 def _eval_rejudge(argv: list[str]) -> int:
     """eval rejudge DIR --out NEW [--judge NAME]: the same completions, judged again, in a new folder."""
-    from .evaluation.judges import make_judge
-    from .evaluation.rejudge import rejudge_folder
-    from .evaluation.report import summary_table
-    from .evaluation.suite import judge_spec
+    from ..evaluation.judges import make_judge
+    from ..evaluation.rejudge import rejudge_folder
+    from ..evaluation.report import summary_table
+    from ..evaluation.suite import judge_spec
 
     parser = argparse.ArgumentParser(
         prog="circuit-breakers eval rejudge",
@@ -562,7 +562,7 @@ def _cmd_agents(argv: list[str]) -> int:
     args, rest = parser.parse_known_args(argv)
     from pathlib import Path
 
-    from .data.agents import agentdojo_cases, case_counts, read_cases, routing_injection_cases, write_cases
+    from ..data.agents import agentdojo_cases, case_counts, read_cases, routing_injection_cases, write_cases
 
     if args.action == "build":
         if rest:
@@ -571,7 +571,7 @@ def _cmd_agents(argv: list[str]) -> int:
             cases = agentdojo_cases(args.suites.split(","), args.attacks.split(","), tools=args.tools,
                                     compact_tools=args.compact_tools, max_tool_result_chars=args.max_tool_result_chars)
         else:
-            from .data.loaders import load_sharegpt_json
+            from ..data.loaders import load_sharegpt_json
 
             if not args.chats:
                 parser.error("--source routing needs --chats FILE")
@@ -580,7 +580,7 @@ def _cmd_agents(argv: list[str]) -> int:
         console.print_json(json.dumps(case_counts(cases)))
         console.print(f"[bold green]cases[/] {args.out}")
         return 0
-    from .evaluation.agents import agent_experiment
+    from ..evaluation.agents import agent_experiment
 
     cases = [c for path in args.cases for c in read_cases(path)]
     base = None
@@ -619,11 +619,11 @@ def _cmd_categories(argv: list[str]) -> int:
     args, rest = parser.parse_known_args(argv)
     from pathlib import Path
 
-    from .categories import category_experiment
-    from .config import parse_config
-    from .data.records import read_records
-    from .evaluation.benchmarks import load_benchmark
-    from .evaluation.suite import split_spec
+    from ..experiments.categories import category_experiment
+    from ..config import parse_config
+    from ..data.records import read_records
+    from ..evaluation.benchmarks import load_benchmark
+    from ..evaluation.suite import split_spec
 
     model_cfg, data_cfg, cb_cfg = parse_config(rest if "--config" in rest else ["--config", "embedded", *rest])
     name, path = split_spec(args.benchmark)

@@ -26,10 +26,10 @@ import torch
 from torch import Tensor, nn
 from transformers import StoppingCriteria
 
-from .data.batching import pad_examples
-from .data.render import Example
-from .models import find_decoder_layers
-from .representations import hidden_states
+from ..data.batching import pad_examples
+from ..data.render import Example
+from ..models import find_decoder_layers
+from ..representations import hidden_states
 
 PROBE_WEIGHTS = "probe.safetensors"
 PROBE_CONFIG = "probe.json"
@@ -330,7 +330,7 @@ def fit_probe(
     """Train, calibrate and test a probe on records (prompt + completion), each set split by record:
     harmful 70% train / 30% test; benign 60% train / 20% calibration / 20% test. The threshold comes
     from the calibration part, the reported recall and false-positive rate from the untouched test parts."""
-    from .data.render import render_all
+    from ..data.render import render_all
 
     def rendered(records: Sequence[Any]) -> list[Example]:
         return render_all(tokenizer, list(records), "completion", max_length).examples

