@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast lint format clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,15 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# ruff: the lint rules and the formatting that CI checks (pyproject.toml [tool.ruff]); `make format` applies them.
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: setup
+	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"

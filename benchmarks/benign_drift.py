@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -33,8 +33,9 @@ LAYERS = (5, 10, 15, 20)
 
 
 @torch.no_grad()
-def layer_cosines(model: nn.Module, base: nn.Module, examples: Sequence, pad: int,
-                  layers: Sequence[int] = LAYERS, batch_size: int = 8) -> dict[int, float]:
+def layer_cosines(
+    model: nn.Module, base: nn.Module, examples: Sequence, pad: int, layers: Sequence[int] = LAYERS, batch_size: int = 8
+) -> dict[int, float]:
     """{layer: mean cosine over the answer tokens} between `model` and `base` on the same input."""
     sums = dict.fromkeys(layers, 0.0)
     count = 0.0
@@ -71,8 +72,10 @@ def main() -> None:
         model = load_model(path)
         for set_name, records in sets.items():
             loss = teacher_forced_loss(model, tokenizer, records).mean_loss
-            row = {"loss_change": loss / base_loss[set_name] - 1,
-                   "cosine": layer_cosines(model, base, rendered[set_name], pad, layers)}
+            row = {
+                "loss_change": loss / base_loss[set_name] - 1,
+                "cosine": layer_cosines(model, base, rendered[set_name], pad, layers),
+            }
             results.setdefault(name, {})[set_name] = row
             cosines = "  ".join(f"L{layer} {value:.4f}" for layer, value in row["cosine"].items())
             print(f"{name:>12} {set_name:>12}  loss {row['loss_change']:+.1%}  {cosines}", flush=True)

@@ -19,10 +19,10 @@ import json
 from pathlib import Path
 
 from circuit_breakers.data.generate import generate_completions
-from circuit_breakers.data.loaders import load_builtin_prompts
+from circuit_breakers.data.prompts import load_builtin_prompts
 from circuit_breakers.data.records import read_records
-from circuit_breakers.models import load_model_and_tokenizer
 from circuit_breakers.experiments.main_job import split_prompts
+from circuit_breakers.models import load_model_and_tokenizer
 
 
 def main() -> None:
@@ -44,8 +44,9 @@ def main() -> None:
         raise SystemExit(f"only {len(prompts)} unused benign prompts (asked for {args.n})")
     model, tokenizer = load_model_and_tokenizer(settings["model"])
     out = run / "data" / "benign_val.jsonl"
-    records = generate_completions(model, tokenizer, prompts, out, kind="retain",
-                                   max_new_tokens=settings["completion_tokens"])
+    records = generate_completions(
+        model, tokenizer, prompts, out, kind="retain", max_new_tokens=settings["completion_tokens"]
+    )
     print(f"{len(records)} validation records in {out}")
 
 

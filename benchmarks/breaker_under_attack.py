@@ -38,7 +38,9 @@ def cosines(model, base, embeds: torch.Tensor) -> dict[int, torch.Tensor]:
     with torch.no_grad():
         mine = model(inputs_embeds=embeds, output_hidden_states=True).hidden_states
         theirs = base(inputs_embeds=embeds, output_hidden_states=True).hidden_states
-    return {layer: F.cosine_similarity(mine[layer][0], theirs[layer][0], dim=-1) for layer in LAYERS if layer < len(mine)}
+    return {
+        layer: F.cosine_similarity(mine[layer][0], theirs[layer][0], dim=-1) for layer in LAYERS if layer < len(mine)
+    }
 
 
 def span(per_layer: dict[int, torch.Tensor], start: int, stop: int) -> dict[int, float]:
@@ -54,20 +56,30 @@ def attack(model, tokenizer, base, prompts: list[dict], steps: int) -> None:
         seg = Segments.build(model, tokenizer, messages, row["target"])
         with torch.no_grad():
             prompt = torch.cat([embed(seg.before), soft.embeds.to(embed.weight.dtype), embed(seg.after)])[None]
-            ids = model.generate(inputs_embeds=prompt, attention_mask=torch.ones(prompt.shape[:2], dtype=torch.long),
-                                 max_new_tokens=60, do_sample=False)[0]
+            ids = model.generate(
+                inputs_embeds=prompt,
+                attention_mask=torch.ones(prompt.shape[:2], dtype=torch.long),
+                max_new_tokens=60,
+                do_sample=False,
+            )[0]
             attacked = torch.cat([prompt[0], embed(ids)])[None]
             plain = torch.cat([embed(seg.before), embed(seg.after), embed(ids)])[None]
         n, p, q = len(seg.target), prompt.shape[1], len(seg.before) + len(seg.after)
         on_attacked, on_plain = cosines(model, base, attacked), cosines(model, base, plain)
-        print(json.dumps({
-            "prompt_id": row.get("id"), "target_loss": round(soft.best_loss, 4),
-            "completion": tokenizer.decode(ids, skip_special_tokens=True)[:160],
-            "attacked_target": span(on_attacked, p, p + n),
-            "attacked_beyond": span(on_attacked, p + n, p + len(ids)),
-            "plain_target": span(on_plain, q, q + n),
-            "plain_beyond": span(on_plain, q + n, q + len(ids)),
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "prompt_id": row.get("id"),
+                    "target_loss": round(soft.best_loss, 4),
+                    "completion": tokenizer.decode(ids, skip_special_tokens=True)[:160],
+                    "attacked_target": span(on_attacked, p, p + n),
+                    "attacked_beyond": span(on_attacked, p + n, p + len(ids)),
+                    "plain_target": span(on_plain, q, q + n),
+                    "plain_beyond": span(on_plain, q + n, q + len(ids)),
+                }
+            ),
+            flush=True,
+        )
 
 
 def adversary(model, tokenizer, base, rows: list[dict], rule: str, eps: float, steps: int, size: float) -> list[float]:
@@ -75,7 +87,9 @@ def adversary(model, tokenizer, base, rows: list[dict], rule: str, eps: float, s
     embed, best_per_row = model.get_input_embeddings(), []
     for row in rows:
         prompt = tokenizer.apply_chat_template(row["messages"][:1], tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(prompt + row["messages"][-1]["content"], add_special_tokens=False, return_tensors="pt").input_ids
+        ids = tokenizer(
+            prompt + row["messages"][-1]["content"], add_special_tokens=False, return_tensors="pt"
+        ).input_ids
         p = len(tokenizer(prompt, add_special_tokens=False).input_ids)
         clean = embed(ids).detach()
         with torch.no_grad():
@@ -87,7 +101,10 @@ def adversary(model, tokenizer, base, rows: list[dict], rule: str, eps: float, s
         best, best20 = -2.0, None
         for step in range(steps + 1):
             states = model(inputs_embeds=clean + delta[None], output_hidden_states=True).hidden_states
-            cos = {layer: F.cosine_similarity(states[layer][0, p:], reference[layer][0, p:], dim=-1).mean() for layer in (10, 20)}
+            cos = {
+                layer: F.cosine_similarity(states[layer][0, p:], reference[layer][0, p:], dim=-1).mean()
+                for layer in (10, 20)
+            }
             objective = (cos[10] + cos[20]) / 2
             if objective.item() > best:
                 best, best20 = objective.item(), cos[20].item()
@@ -124,9 +141,17 @@ def main() -> None:
         return
     rows = [json.loads(line) for line in open(args.rows)][: args.n]
     print("no shift:", adversary(model, tokenizer, base, rows, "sign", 0.0, 0, 0.0))
-    for rule, eps, steps, size in (("l2", 3.0, 6, 0), ("l2", 1.0, 6, 0), ("sign", 1.0, 8, 0.05), ("sign", 1.0, 4, 0.05),
-                                   ("sign", 1.0, 2, 0.1)):
-        print(f"{rule} eps {eps} steps {steps} size {size}:", adversary(model, tokenizer, base, rows, rule, eps, steps, size))
+    for rule, eps, steps, size in (
+        ("l2", 3.0, 6, 0),
+        ("l2", 1.0, 6, 0),
+        ("sign", 1.0, 8, 0.05),
+        ("sign", 1.0, 4, 0.05),
+        ("sign", 1.0, 2, 0.1),
+    ):
+        print(
+            f"{rule} eps {eps} steps {steps} size {size}:",
+            adversary(model, tokenizer, base, rows, rule, eps, steps, size),
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The offline judge's degeneracy gates against blind hand labels (docs/evaluation.md, issue 9).
+"""The offline judge's degeneracy gates against blind hand labels (issue 9;
+docs/results/2026-11-30-offline-judge-gates.md).
 
 `benchmarks/labels/offline_judge_gates.json` names 340 generations of the embedded model, each labelled
 by hand without seeing which model wrote it:
@@ -26,8 +27,8 @@ import math
 from pathlib import Path
 
 from circuit_breakers.evaluation.benchmarks import load_benchmark
-from circuit_breakers.evaluation.generation import generate
 from circuit_breakers.evaluation.judges import OfflineJudge
+from circuit_breakers.generation import generate
 from circuit_breakers.models import load_model_and_tokenizer
 
 LABELS = Path(__file__).parent / "labels" / "offline_judge_gates.json"
@@ -52,12 +53,16 @@ def direct_completions(rows: list[dict], models: dict[str, str], data_dir: str) 
     for model_name, path in models.items():
         model, tokenizer = load_model_and_tokenizer(path)
         for reading in BENCHMARK_OF:
-            ids = [r["prompt_id"] for r in sorted(rows, key=lambda r: r.get("order", 0))
-                   if r["reading"] == reading and r["model"] == model_name]
+            ids = [
+                r["prompt_id"]
+                for r in sorted(rows, key=lambda r: r.get("order", 0))
+                if r["reading"] == reading and r["model"] == model_name
+            ]
             if not ids:
                 continue
-            completions = generate(model, tokenizer, [texts[i] for i in ids], max_new_tokens=128, batch_size=8,
-                                   progress=False)
+            completions = generate(
+                model, tokenizer, [texts[i] for i in ids], max_new_tokens=128, batch_size=8, progress=False
+            )
             out.update({(reading, model_name, i): (texts[i], c) for i, c in zip(ids, completions)})
         del model
     return out
@@ -94,8 +99,10 @@ def main() -> None:
     missing = [r for r in rows if (r["reading"], r["model"], r["prompt_id"]) not in items]
     rows = [r for r in rows if (r["reading"], r["model"], r["prompt_id"]) in items]
     print(f"{len(rows)} labelled generations found, {len(missing)} missing")
-    judges = {"without gates": OfflineJudge(max_window_perplexity=math.inf, min_compression=0.0),
-              "with gates (default)": OfflineJudge()}
+    judges = {
+        "without gates": OfflineJudge(max_window_perplexity=math.inf, min_compression=0.0),
+        "with gates (default)": OfflineJudge(),
+    }
     tables = {name: agreement(rows, items, judge) for name, judge in judges.items()}
     for split in ("dev", "test"):
         for reading in sorted(tables["with gates (default)"].get(split, {})):

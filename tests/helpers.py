@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import http.server
 import importlib.util
+import json
 import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -32,7 +37,11 @@ MISTRAL = (
 TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3, "mistral": MISTRAL}
 SPECIALS = {
     "chatml": {"bos": "<|endoftext|>", "eos": "<|im_end|>", "extra": ["<|im_start|>"]},
-    "llama3": {"bos": "<|begin_of_text|>", "eos": "<|eot_id|>", "extra": ["<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|python_tag|>"]},
+    "llama3": {
+        "bos": "<|begin_of_text|>",
+        "eos": "<|eot_id|>",
+        "extra": ["<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|python_tag|>"],
+    },
     "mistral": {"bos": "<s>", "eos": "</s>", "extra": ["[INST]", "[/INST]"]},
 }
 CORPUS = [
@@ -57,7 +66,10 @@ def make_tokenizer(style: str = "chatml", vocab_size: int = 300) -> PreTrainedTo
     )
     tok.train_from_iterator(CORPUS, trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=spec["bos"], eos_token=spec["eos"], pad_token="<pad>",
+        tokenizer_object=tok,
+        bos_token=spec["bos"],
+        eos_token=spec["eos"],
+        pad_token="<pad>",
         additional_special_tokens=spec["extra"],
     )
     fast.chat_template = TEMPLATES[style]
@@ -72,7 +84,12 @@ TINY = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key
 def make_model(arch: str = "llama", vocab_size: int = 300, layers: int = 6, seed: int = 0) -> torch.nn.Module:
     """A randomly initialised tiny causal LM of the given architecture, float32, eval mode."""
     from transformers import (
-        GemmaConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config,
+        GemmaConfig,
+        GPT2Config,
+        GPTNeoXConfig,
+        LlamaConfig,
+        MistralConfig,
+        Qwen2Config,
     )
 
     torch.manual_seed(seed)
@@ -85,9 +102,13 @@ def make_model(arch: str = "llama", vocab_size: int = 300, layers: int = 6, seed
     elif arch == "gemma":
         config = GemmaConfig(vocab_size=vocab_size, num_hidden_layers=layers, head_dim=8, **TINY)
     elif arch == "gpt_neox":
-        config = GPTNeoXConfig(vocab_size=vocab_size, num_hidden_layers=layers, hidden_size=32, intermediate_size=64, num_attention_heads=4)
+        config = GPTNeoXConfig(
+            vocab_size=vocab_size, num_hidden_layers=layers, hidden_size=32, intermediate_size=64, num_attention_heads=4
+        )
     elif arch == "gpt2":
-        config = GPT2Config(vocab_size=vocab_size, n_layer=layers, n_embd=32, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=1)
+        config = GPT2Config(
+            vocab_size=vocab_size, n_layer=layers, n_embd=32, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=1
+        )
     else:
         raise ValueError(arch)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -112,3 +133,30 @@ def load_benchmark(name: str) -> ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@contextmanager
+def chat_completions_stub(reply: Callable[[str], str]) -> Iterator[str]:
+    """A local OpenAI-compatible endpoint whose answer is `reply(first message's content)`; yields its base URL."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's naming
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            content = reply(body["messages"][0]["content"])
+            data = json.dumps({"choices": [{"message": {"content": content}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/v1"
+    finally:
+        server.shutdown()

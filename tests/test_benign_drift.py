@@ -16,11 +16,14 @@ def bench():
 
 
 def examples(tokenizer):
-    chats = [("How do I bake bread?", "Mix flour, water and yeast, then bake it."),
-             ("Write a poem about the sea please.", "Waves."),
-             ("Hi", "Hello there, how can I help you today with anything at all?")]
-    records = [Record([{"role": "user", "content": q}, {"role": "assistant", "content": a}], kind="retain")
-               for q, a in chats]
+    chats = [
+        ("How do I bake bread?", "Mix flour, water and yeast, then bake it."),
+        ("Write a poem about the sea please.", "Waves."),
+        ("Hi", "Hello there, how can I help you today with anything at all?"),
+    ]
+    records = [
+        Record([{"role": "user", "content": q}, {"role": "assistant", "content": a}], kind="retain") for q, a in chats
+    ]
     return render_all(tokenizer, records, mask_mode="completion").examples
 
 

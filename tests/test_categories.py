@@ -7,15 +7,18 @@ import pytest
 import torch
 from peft import PeftModel
 
+from circuit_breakers.adapters import COMBINED, add_lora, combine_adapters, export_merged, load_adapters
+from circuit_breakers.config import ConfigError, ModelConfig, parse_config
+from circuit_breakers.data.prompts import Prompt, read_prompts
+from circuit_breakers.data.records import Record
 from circuit_breakers.experiments.categories import (
-    COMBINED, asr_matrix, by_category, category_experiment, category_sets, combine_adapters, load_adapters,
+    asr_matrix,
+    by_category,
+    category_experiment,
+    category_sets,
     specificity,
 )
-from circuit_breakers.config import ConfigError, ModelConfig, parse_config
-from circuit_breakers.data.loaders import Prompt, read_prompts
-from circuit_breakers.data.records import Record
-from circuit_breakers.models import export_merged, load_model
-from circuit_breakers.training.run import add_lora
+from circuit_breakers.models import load_model
 from helpers import save_tiny
 
 
@@ -45,9 +48,11 @@ def lora_dirs(tmp_path, tiny):
     dirs = {}
     for i, name in enumerate(["a", "b"]):
         torch.manual_seed(i)
-        model = add_lora(load_model(str(tiny), dtype="float32"),
-                         ModelConfig(lora_r=2 + 2 * i, lora_alpha=4, lora_dropout=0.0, lora_init="random", lora_init_scale=0.3),
-                         range(3))
+        model = add_lora(
+            load_model(str(tiny), dtype="float32"),
+            ModelConfig(lora_r=2 + 2 * i, lora_alpha=4, lora_dropout=0.0, lora_init="random", lora_init_scale=0.3),
+            range(3),
+        )
         model.save_pretrained(tmp_path / name)
         dirs[name] = tmp_path / name
     return dirs
@@ -63,7 +68,10 @@ def test_named_adapters_switch_and_combine_exactly(tmp_path):
             return model(input_ids=ids).logits
 
     base = logits(load_model(str(tiny), dtype="float32"))
-    alone = {n: logits(PeftModel.from_pretrained(load_model(str(tiny), dtype="float32"), str(d)).eval()) for n, d in dirs.items()}
+    alone = {
+        n: logits(PeftModel.from_pretrained(load_model(str(tiny), dtype="float32"), str(d)).eval())
+        for n, d in dirs.items()
+    }
     model = load_adapters(load_model(str(tiny), dtype="float32"), dirs).eval()
     assert model.active_adapter == "a"
     torch.testing.assert_close(logits(model), alone["a"])
@@ -81,8 +89,9 @@ def test_named_adapters_switch_and_combine_exactly(tmp_path):
     changed = [k for k in w0 if not torch.allclose(w["a"][k], w0[k])]
     assert changed and any(".mlp." in k for k in changed)
     for key in w0:
-        torch.testing.assert_close(w["both"][key] - w0[key], (w["a"][key] - w0[key]) + (w["b"][key] - w0[key]),
-                                   rtol=1e-4, atol=1e-6, msg=key)
+        torch.testing.assert_close(
+            w["both"][key] - w0[key], (w["a"][key] - w0[key]) + (w["b"][key] - w0[key]), rtol=1e-4, atol=1e-6, msg=key
+        )
     # the in-memory combination computes what the merged one does
     torch.testing.assert_close(logits(model), logits(load_model(str(both), dtype="float32")), rtol=1e-4, atol=1e-4)
     combine_adapters(model, ["a", "b"], [1.0, 0.0])  # weight 0: b switched off; re-adding replaces the old
@@ -101,13 +110,34 @@ def test_specificity_compares_own_drop_with_every_other():
 
 def test_category_experiment_end_to_end(tmp_path):
     tiny = save_tiny(tmp_path / "model", layers=6)
-    prompts = [Prompt(id=f"{c}{i}", text=f"Tell me about {c} number {i}", category=c)
-               for c in ("alpha", "beta", "gamma") for i in range(5)]
+    prompts = [
+        Prompt(id=f"{c}{i}", text=f"Tell me about {c} number {i}", category=c)
+        for c in ("alpha", "beta", "gamma")
+        for i in range(5)
+    ]
     prompts.append(Prompt(id="other", text="Unrelated request", category="delta"))
     retain = [rec(f"benign {i}", None, "retain") for i in range(4)]
-    m, d, c = parse_config(["--model_name_or_path", str(tiny), "--max_steps", "2", "--per_device_train_batch_size", "2",
-                            "--target_layers", "2", "4", "--logging_steps", "1", "--save_steps", "10", "--max_length", "96",
-                            "--lora_init", "random"])
+    m, d, c = parse_config(
+        [
+            "--model_name_or_path",
+            str(tiny),
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "2",
+            "--target_layers",
+            "2",
+            "4",
+            "--logging_steps",
+            "1",
+            "--save_steps",
+            "10",
+            "--max_length",
+            "96",
+            "--lora_init",
+            "random",
+        ]
+    )
     out = tmp_path / "exp"
     args = (prompts, retain, out, m, d, c, ["alpha", "beta", "gamma"], 6)
     options = dict(completion_tokens=5, max_new_tokens=5, batch_size=4, judge="refusal")
@@ -129,8 +159,11 @@ def test_category_experiment_end_to_end(tmp_path):
     assert set(record["asr"]["direct"]) == models
     assert all(set(row) == {"alpha", "beta", "gamma"} for row in record["asr"]["direct"].values())
     assert set(record["specificity"]["direct"]) == {"alpha", "beta", "gamma"}
-    assert set(record["continual"]["direct"]) == {"first_category_change_points", "second_category_drop_points",
-                                                  "kept_within_5_points"}
+    assert set(record["continual"]["direct"]) == {
+        "first_category_change_points",
+        "second_category_drop_points",
+        "kept_within_5_points",
+    }
     results = json.loads((out / "results.json").read_text())
     assert set(results["metrics"]["asr_by_category"]["direct"]) == models
     table = (out / "categories-direct.md").read_text().splitlines()
@@ -142,7 +175,22 @@ def test_category_experiment_end_to_end(tmp_path):
     assert again["asr"] == record["asr"]
     assert (out / "adapters" / "alpha" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
     # other settings: the finished adapters are not silently reused
-    m2, d2, c2 = parse_config(["--model_name_or_path", str(tiny), "--max_steps", "3", "--per_device_train_batch_size", "2",
-                               "--target_layers", "2", "4", "--max_length", "96", "--lora_init", "random"])
+    m2, d2, c2 = parse_config(
+        [
+            "--model_name_or_path",
+            str(tiny),
+            "--max_steps",
+            "3",
+            "--per_device_train_batch_size",
+            "2",
+            "--target_layers",
+            "2",
+            "4",
+            "--max_length",
+            "96",
+            "--lora_init",
+            "random",
+        ]
+    )
     with pytest.raises(ConfigError, match="already holds a different run .*max_steps 2 -> 3"):
         category_experiment(prompts, retain, out, m2, d2, c2, ["alpha", "beta", "gamma"], 6, **options)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from circuit_breakers.adapters import add_lora
 from circuit_breakers.config import CircuitBreakerConfig, ConfigError, ModelConfig
-from circuit_breakers.training.run import add_lora
-from circuit_breakers.training.trainer import CircuitBreakerTrainer, chunk_rows
+from circuit_breakers.training import CircuitBreakerTrainer, chunk_rows
 from helpers import make_model
 
 
@@ -41,7 +41,7 @@ def batch(seed=0, rows=3, width=24, vocab=300):
     loss = torch.zeros(n, width, dtype=torch.long)
     for row, length in enumerate([24, 9, 15, 20, 6, 12][:n]):
         attention[row, :length] = 1
-        loss[row, length // 3:length] = 1
+        loss[row, length // 3 : length] = 1
     ids = ids * attention  # pad id 0
     is_cb = (torch.arange(n) < rows).long()[:, None]
     return {"input_ids": ids, "attention_mask": attention, "cb_mask": loss * is_cb, "retain_mask": loss * (1 - is_cb)}
@@ -50,9 +50,16 @@ def batch(seed=0, rows=3, width=24, vocab=300):
 def trainer_for(tmp_path, max_chunk_tokens, **settings):
     base = make_model("llama", layers=4, seed=3)
     model = add_lora(base, ModelConfig(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_init="random"), range(4))
-    cfg = CircuitBreakerConfig(output_dir=str(tmp_path), max_steps=10, use_cpu=True, report_to="none",
-                               retain_layers="all", stall_check_steps=0, max_chunk_tokens=max_chunk_tokens,
-                               **settings)
+    cfg = CircuitBreakerConfig(
+        output_dir=str(tmp_path),
+        max_steps=10,
+        use_cpu=True,
+        report_to="none",
+        retain_layers="all",
+        stall_check_steps=0,
+        max_chunk_tokens=max_chunk_tokens,
+        **settings,
+    )
     trainer = CircuitBreakerTrainer(model=model, args=cfg, target_layers=[2, 4], retain_layers=[1, 2, 3, 4])
     trainer.state.global_step = 3
     trainer.current_gradient_accumulation_steps = 1
@@ -63,11 +70,14 @@ def gradients(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("settings", [
-    {},
-    {"representation": "centered", "retain_distance": "relative_squared"},
-    {"representation": "no_outliers", "num_outlier_dims": 2, "retain_distance": "relative"},
-])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"representation": "centered", "retain_distance": "relative_squared"},
+        {"representation": "no_outliers", "num_outlier_dims": 2, "retain_distance": "relative"},
+    ],
+)
 def test_chunked_step_equals_whole_batch(tmp_path, settings):
     inputs = batch()
     whole, model_w = trainer_for(tmp_path / "w", 0, **settings)
@@ -84,9 +94,8 @@ def test_chunked_step_equals_whole_batch(tmp_path, settings):
     assert grads_w.keys() == grads_c.keys() and any(g.abs().sum() > 0 for g in grads_w.values())
     for name, g in grads_w.items():  # float noise only: summation order differs between the two
         torch.testing.assert_close(grads_c[name], g, rtol=1e-4, atol=1e-5 * g.abs().max().item(), msg=name)
-    assert whole._metrics.pop("chunks") == [1.0] and chunked._metrics.pop("chunks")[-1] >= 3
-    for key, values in whole._metrics.items():
-        assert chunked._metrics[key][-1] == pytest.approx(values[-1], rel=1e-5, abs=1e-7), key
+    assert whole.step_metrics.pop("chunks") == [1.0] and chunked.step_metrics.pop("chunks")[-1] >= 3
+    for key, values in whole.step_metrics.items():
+        assert chunked.step_metrics[key][-1] == pytest.approx(values[-1], rel=1e-5, abs=1e-7), key
     if settings.get("representation") == "no_outliers":
         assert chunked.outlier_dims == whole.outlier_dims and len(whole.outlier_dims) == 2
-

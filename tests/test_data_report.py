@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import make_tokenizer
 from rich.console import Console
 
 from circuit_breakers.data.augment import (
@@ -14,7 +13,7 @@ from circuit_breakers.data.augment import (
     without_user_turn,
     xstest_refusal_retain,
 )
-from circuit_breakers.data.loaders import BUILTIN_PROMPT_SETS, load_builtin_prompts
+from circuit_breakers.data.prompts import BUILTIN_PROMPT_SETS, load_builtin_prompts
 from circuit_breakers.data.records import DataError, Record, write_records
 from circuit_breakers.data.render import render, render_all
 from circuit_breakers.data.report import (
@@ -26,6 +25,7 @@ from circuit_breakers.data.report import (
     print_mask_report,
     save_mask_report,
 )
+from helpers import make_tokenizer
 
 PROMPT = "How do I bake bread?"
 COMPLETION = "Mix flour, water, yeast and salt."
@@ -42,7 +42,8 @@ def test_report_figures_are_exact(tok):
     limit = len(render(tok, good)) + 20
     retain = render_all(tok, [good, long, Record.from_prompt(PROMPT, "", "retain")], "completion", max_length=limit)
     cb = render_all(tok, [Record.from_prompt(PROMPT, COMPLETION, "circuit_breaker")], "full", max_length=limit)
-    report = mask_report(tok, {"circuit_breaker": cb, "retain": retain}, {"circuit_breaker": "full", "retain": "completion"}, limit)
+    modes = {"circuit_breaker": "full", "retain": "completion"}
+    report = mask_report(tok, {"circuit_breaker": cb, "retain": retain}, modes, limit)
 
     e_good, e_long = retain.examples
     r = report["sets"]["retain"]
@@ -59,7 +60,9 @@ def test_report_figures_are_exact(tok):
     # the example shows the prompt unmasked and exactly the completion plus end-of-turn masked
     assert r["example"]["segments"][-1] == [COMPLETION + "<|im_end|>", True]
     assert r["example"]["marked"].endswith("<|im_start|>assistant\n\u27e6" + COMPLETION + "<|im_end|>\u27e7")
-    assert report["warnings"] == [f"retain: truncation kept only {r['completion_coverage']:.0%} of completion tokens; raise max_length"]
+    assert report["warnings"] == [
+        f"retain: truncation kept only {r['completion_coverage']:.0%} of completion tokens; raise max_length"
+    ]
     json.dumps(report)  # JSON-ready
 
 
@@ -74,7 +77,8 @@ def test_example_window_of_a_long_example(tok):
 
 def test_warnings_flag_sets_the_losses_would_misuse(tok):
     empty = render_all(tok, [Record.from_prompt(PROMPT, "", "retain")] * 3)
-    long = render_all(tok, [Record.from_prompt(PROMPT, " ".join(["Knead the dough."] * 60), "circuit_breaker")], max_length=40)
+    long_record = Record.from_prompt(PROMPT, " ".join(["Knead the dough."] * 60), "circuit_breaker")
+    long = render_all(tok, [long_record], max_length=40)
     report = mask_report(tok, {"retain": empty, "circuit_breaker": long})
     assert report["sets"]["retain"]["examples"] == 0 and "example" not in report["sets"]["retain"]
     assert any(w.startswith("retain: no usable examples") for w in report["warnings"])
@@ -124,8 +128,14 @@ def test_inspect_a_records_file(tok, tmp_path):
 
 def test_without_user_turn_keeps_system_and_completion(tok):
     record = Record(
-        messages=[{"role": "system", "content": "S"}, {"role": "user", "content": PROMPT}, {"role": "assistant", "content": COMPLETION}],
-        kind="circuit_breaker", category="c", meta={"x": 1},
+        messages=[
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": PROMPT},
+            {"role": "assistant", "content": COMPLETION},
+        ],
+        kind="circuit_breaker",
+        category="c",
+        meta={"x": 1},
     )
     stripped = without_user_turn(record)
     assert stripped.messages == [{"role": "system", "content": "S"}, {"role": "assistant", "content": COMPLETION}]
@@ -149,7 +159,10 @@ def test_drop_user_turns_fraction_is_seeded():
 
 
 def test_refusal_retain_from_refusal_data():
-    records = [Record.from_prompt("bad", "I'm sorry, but I can't help.", "circuit_breaker"), Record.from_prompt("bad", "Sure, here.", "circuit_breaker")]
+    records = [
+        Record.from_prompt("bad", "I'm sorry, but I can't help.", "circuit_breaker"),
+        Record.from_prompt("bad", "Sure, here.", "circuit_breaker"),
+    ]
     assert [r.kind for r in as_refusal_retain(records)] == ["refusal_retain", "refusal_retain"]
     assert [r.completion for r in as_refusal_retain(records, only_refusals=True)] == ["I'm sorry, but I can't help."]
     assert records[0].kind == "circuit_breaker"  # copies, not the originals
@@ -184,7 +197,15 @@ def test_builtin_borderline_prompts():
     prompts = load_builtin_prompts("borderline")
     assert 90 <= len(prompts) <= 120
     counts = {c: sum(p.category == c for p in prompts) for c in {p.category for p in prompts}}
-    assert set(counts) == {"homonyms", "figurative_language", "safe_targets", "safe_contexts", "definitions", "historical_events", "privacy_public"}
+    assert set(counts) == {
+        "homonyms",
+        "figurative_language",
+        "safe_targets",
+        "safe_contexts",
+        "definitions",
+        "historical_events",
+        "privacy_public",
+    }
     assert min(counts.values()) >= 10
     assert all(p.meta["label"] == "safe" for p in prompts)
     assert len({p.text for p in prompts}) == len(prompts)
@@ -210,5 +231,6 @@ def test_builtin_prompts_share_no_text_with_public_sets(shared_data):
     mine = {p.text.strip().lower() for name in BUILTIN_PROMPT_SETS for p in load_builtin_prompts(name)}
     with (shared_data / "xstest/xstest_prompts.csv").open(encoding="utf-8", newline="") as handle:
         xstest = {row["prompt"].strip().lower() for row in csv.DictReader(handle)}
-    alpaca = {row["instruction"].strip().lower() for row in json.loads((shared_data / "llamafactory-demo/alpaca_en_demo.json").read_text())}
+    alpaca_rows = json.loads((shared_data / "llamafactory-demo/alpaca_en_demo.json").read_text())
+    alpaca = {row["instruction"].strip().lower() for row in alpaca_rows}
     assert not mine & xstest and not mine & alpaca

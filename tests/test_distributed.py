@@ -11,7 +11,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from circuit_breakers.cli.main import accelerate_launch_command, main
+from circuit_breakers.cli.launch import accelerate_launch_command
+from circuit_breakers.cli.main import main
 from circuit_breakers.config import ACCELERATE_CONFIGS_DIR, ConfigError, accelerate_config_path, parse_config
 from circuit_breakers.training.run import train
 from helpers import save_tiny
@@ -31,19 +32,59 @@ def chat(prompt, answer):
 def data_files(tmp_path):
     # Rows of different lengths, so the two processes get different numbers of loss tokens: equality with
     # one process then needs the global token normalisation, not just averaged gradients.
-    cb = [chat(f"How do I bake bread {i}?", "Sure, here is how to do it step by step." + " Mix flour" * (i % 3))
-          for i in range(8)]
-    retain = [chat(f"Write a poem about the sea {i}.", "The waves roll in." + " The gulls cry out." * (i % 4))
-              for i in range(8)]
+    cb = [
+        chat(f"How do I bake bread {i}?", "Sure, here is how to do it step by step." + " Mix flour" * (i % 3))
+        for i in range(8)
+    ]
+    retain = [
+        chat(f"Write a poem about the sea {i}.", "The waves roll in." + " The gulls cry out." * (i % 4))
+        for i in range(8)
+    ]
     return write_jsonl(tmp_path / "cb.jsonl", cb), write_jsonl(tmp_path / "retain.jsonl", retain)
 
 
 def args(model, cb, retain, out, batch):
-    return ["--model_name_or_path", str(model), "--cb_data", cb, "--retain_data", retain, "--output_dir", str(out),
-            "--max_steps", "3", "--per_device_train_batch_size", str(batch), "--target_layers", "2", "4",
-            "--logging_steps", "1", "--save_strategy", "no", "--seed", "0", "--dataloader_num_workers", "0",
-            "--lora_init", "random", "--learning_rate", "2e-2", "--alpha", "5", "--representation", "centered",
-            "--cb_mask_mode", "completion", "--lora_dropout", "0", "--merge", "false", "--stall_check_steps", "0"]
+    return [
+        "--model_name_or_path",
+        str(model),
+        "--cb_data",
+        cb,
+        "--retain_data",
+        retain,
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "3",
+        "--per_device_train_batch_size",
+        str(batch),
+        "--target_layers",
+        "2",
+        "4",
+        "--logging_steps",
+        "1",
+        "--save_strategy",
+        "no",
+        "--seed",
+        "0",
+        "--dataloader_num_workers",
+        "0",
+        "--lora_init",
+        "random",
+        "--learning_rate",
+        "2e-2",
+        "--alpha",
+        "5",
+        "--representation",
+        "centered",
+        "--cb_mask_mode",
+        "completion",
+        "--lora_dropout",
+        "0",
+        "--merge",
+        "false",
+        "--stall_check_steps",
+        "0",
+    ]
 
 
 def step_losses(rows):
@@ -52,19 +93,42 @@ def step_losses(rows):
 
 # FSDP2 and DeepSpeed need GPUs: accelerate 1.15 turns FSDP on only for GPU-like devices (a CPU launch
 # with the fsdp2 config runs as MULTI_CPU, which `summary["distributed"]` would show), so only DDP runs here.
-LEARNED_AND_LAT = ["--layer_weights", "learned", "--layer_weight_lr", "0.2", "--lat_epsilon", "0.5", "--lat_steps", "2",
-                   "--lat_layer", "1"]
+LEARNED_AND_LAT = [
+    "--layer_weights",
+    "learned",
+    "--layer_weight_lr",
+    "0.2",
+    "--lat_epsilon",
+    "0.5",
+    "--lat_steps",
+    "2",
+    "--lat_layer",
+    "1",
+]
 
 
-SUFFIX_LAT = ["--lat_epsilon", "2", "--lat_steps", "2", "--lat_positions", "suffix", "--lat_suffix_init", "x x x",
-              "--lat_step_size", "0.2"]
+SUFFIX_LAT = [
+    "--lat_epsilon",
+    "2",
+    "--lat_steps",
+    "2",
+    "--lat_positions",
+    "suffix",
+    "--lat_suffix_init",
+    "x x x",
+    "--lat_step_size",
+    "0.2",
+]
 
 
-@pytest.mark.parametrize("engine,chunk_tokens,extra", [("ddp", "0", []), ("ddp", "48", []), ("ddp", "0", LEARNED_AND_LAT),
-                                                       ("ddp", "0", SUFFIX_LAT)],
-                         ids=["ddp", "ddp-chunked", "ddp-learned-weights-lat", "ddp-lat-suffix"])
-def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path, monkeypatch, engine, chunk_tokens,
-                                                                        extra):
+@pytest.mark.parametrize(
+    "engine,chunk_tokens,extra",
+    [("ddp", "0", []), ("ddp", "48", []), ("ddp", "0", LEARNED_AND_LAT), ("ddp", "0", SUFFIX_LAT)],
+    ids=["ddp", "ddp-chunked", "ddp-learned-weights-lat", "ddp-lat-suffix"],
+)
+def test_two_cpu_processes_match_one_process_with_the_same_global_batch(
+    tmp_path, monkeypatch, engine, chunk_tokens, extra
+):
     """chunk_tokens 48: each process runs its rows in chunks, gradient sync deferred to the last one. extra:
     the layer-weight logits live outside the DDP model (their gradient is averaged by hand) and the RR + LAT
     adversary runs on each process's own rows; the universal soft suffix (lat_positions=suffix) moves with the
@@ -75,8 +139,19 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path
 
     # Each child process gets one thread: two of them on two cores, no oversubscription.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    code = main(["train", "--accelerate-config", engine, "--num-processes", "2",
-                 *args(model, cb, retain, tmp_path / "two", batch=2), "--max_chunk_tokens", chunk_tokens, *extra])
+    code = main(
+        [
+            "train",
+            "--accelerate-config",
+            engine,
+            "--num-processes",
+            "2",
+            *args(model, cb, retain, tmp_path / "two", batch=2),
+            "--max_chunk_tokens",
+            chunk_tokens,
+            *extra,
+        ]
+    )
     assert code == 0
     rows = [json.loads(line) for line in (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()]
     one, two = step_losses(single.log_history), step_losses(rows)
@@ -187,8 +262,18 @@ def test_sigterm_stops_every_process_at_one_step_and_resume_matches_one_process(
     single = train(*parse_config([*args(model, cb, retain, tmp_path / "one", batch=4), *longer]))
 
     out = tmp_path / "two"
-    cmd = [sys.executable, "-m", "circuit_breakers.cli", "train", "--accelerate-config", "ddp", "--num-processes", "2",
-           *args(model, cb, retain, out, batch=2), *longer]
+    cmd = [
+        sys.executable,
+        "-m",
+        "circuit_breakers.cli",
+        "train",
+        "--accelerate-config",
+        "ddp",
+        "--num-processes",
+        "2",
+        *args(model, cb, retain, out, batch=2),
+        *longer,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines, logged = [], 0
@@ -208,8 +293,19 @@ def test_sigterm_stops_every_process_at_one_step_and_resume_matches_one_process(
     assert said and all(f"at step {stopped};" in line for line in said), said
     assert not (out / "adapter").exists()
 
-    code = main(["train", "--accelerate-config", "ddp", "--num-processes", "2",
-                 *args(model, cb, retain, out, batch=2), *longer, "--resume_from_checkpoint", "last"])
+    code = main(
+        [
+            "train",
+            "--accelerate-config",
+            "ddp",
+            "--num-processes",
+            "2",
+            *args(model, cb, retain, out, batch=2),
+            *longer,
+            "--resume_from_checkpoint",
+            "last",
+        ]
+    )
     assert code == 0
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     one, two = step_losses(single.log_history), step_losses(rows)

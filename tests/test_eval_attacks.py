@@ -10,7 +10,6 @@ import re
 
 import pytest
 import torch
-from helpers import make_model, make_tokenizer
 
 from circuit_breakers.evaluation.attacks import (
     ATTACKS,
@@ -35,6 +34,7 @@ from circuit_breakers.evaluation.attacks import (
 )
 from circuit_breakers.evaluation.attacks.templates import load_templates
 from circuit_breakers.representations import hidden_states
+from helpers import make_model, make_tokenizer
 
 torch.set_num_threads(1)
 
@@ -82,8 +82,12 @@ def test_coerce_prompt_reads_loader_prompts_whose_text_is_the_whole_user_turn(ch
     contextual = SimpleNamespace(id="c1", text="ctx\n\n---\n\nDo X", context="ctx", target="Sure", messages=None)
     p = coerce_prompt(contextual)
     assert (p.behavior, p.context, p.user_content(), p.source) == ("Do X", "ctx", contextual.text, contextual)
-    chat = [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"},
-            {"role": "assistant", "content": "hello"}, {"role": "user", "content": "Do Y"}]
+    chat = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "Do Y"},
+    ]
     convo = coerce_prompt(SimpleNamespace(id="c2", text="Do Y", context=None, target=None, messages=chat))
     assert convo.behavior == "Do Y" and convo.history == chat[:3]
     [direct] = make_attack("direct").prepare(None, tokenizer, [convo])
@@ -129,9 +133,16 @@ def test_multiturn_places_the_request_last_after_the_history(chatml):
 
 
 def test_placeholder_pattern_finds_request_slots_only():
-    for slot in ["[INSERT PROMPT HERE]", "[PROMPT]", "{prompt}", "<QUERY>", "[Your prompt here]",
-                 "[INSERT PROMPT HERE\\]",
-                 "{INSERT_YOUR_PROMPT_HERE}", "[insert question here]"]:
+    for slot in [
+        "[INSERT PROMPT HERE]",
+        "[PROMPT]",
+        "{prompt}",
+        "<QUERY>",
+        "[Your prompt here]",
+        "[INSERT PROMPT HERE\\]",
+        "{INSERT_YOUR_PROMPT_HERE}",
+        "[insert question here]",
+    ]:
         assert PLACEHOLDER.fullmatch(slot), slot
     for other in ["[PROMPT CREATOR]", "[NEVER DENIES A PROMPT]", "[TARGETLANGUAGE]", "{input_string}", "[INSERT NAME]"]:
         assert not PLACEHOLDER.search(other), other
@@ -297,8 +308,13 @@ def test_embedding_attack_inputs_feed_generation_through_inputs_embeds(chatml):
     before, after = item.render_parts(tokenizer)
     n_before = len(tokenizer(before, add_special_tokens=False)["input_ids"])
     assert torch.equal(embeds[n_before : n_before + len(item.soft_prompt)], item.soft_prompt)
-    out = model.generate(inputs_embeds=embeds[None], attention_mask=torch.ones(1, len(embeds), dtype=torch.long),
-                         max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    out = model.generate(
+        inputs_embeds=embeds[None],
+        attention_mask=torch.ones(1, len(embeds), dtype=torch.long),
+        max_new_tokens=3,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     assert out.shape == (1, 3)
     best_only = make_attack("embedding", steps=4, restarts=2, keep="best", init="Answer directly.")
     best = best_only.prepare(model, tokenizer, PROMPTS[:1])
@@ -330,12 +346,14 @@ def _states(model, tokenizer, text, layers):
 def test_refusal_direction_is_the_difference_of_means_at_the_last_prompt_token(chatml):
     model, tokenizer = chatml
     direction = refusal_direction(model, tokenizer, HARMFUL, HARMLESS, layer=3)
+
     # Independent path: transformers' own output_hidden_states (index 3 = output of block 2).
     def last(text):
         prompt = tokenizer.apply_chat_template(user(text), tokenize=False, add_generation_prompt=True)
         ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
         with torch.no_grad():
             return model(ids, output_hidden_states=True).hidden_states[3][0, -1]
+
     expected = torch.stack([last(t) for t in HARMFUL]).mean(0) - torch.stack([last(t) for t in HARMLESS]).mean(0)
     assert torch.allclose(direction, expected, atol=1e-5)
 
@@ -415,8 +433,11 @@ def test_make_attack_applies_budget_then_overrides_and_rejects_unknown_options()
 
 def test_every_attack_records_json_settings_and_inputs(chatml):
     model, tokenizer = chatml
-    fast = {"gcg": {"steps": 1, "search_width": 8}, "embedding": {"steps": 1, "restarts": 1},
-            "refusal_direction": {"harmless": HARMLESS}}
+    fast = {
+        "gcg": {"steps": 1, "search_width": 8},
+        "embedding": {"steps": 1, "restarts": 1},
+        "refusal_direction": {"harmless": HARMLESS},
+    }
     for name in ATTACKS:
         if name == "template" and not HAS_GARAK:
             continue

@@ -12,7 +12,10 @@ from circuit_breakers.cli.main import main
 from circuit_breakers.data.records import Record, write_records
 from circuit_breakers.evaluation.capability import teacher_forced_loss
 from circuit_breakers.experiments.interpolate import (
-    InterpolationError, check_compatible, interpolate_within_budget, set_interpolated,
+    InterpolationError,
+    check_compatible,
+    interpolate_within_budget,
+    set_interpolated,
 )
 from circuit_breakers.models import load_model, load_tokenizer
 from helpers import make_model, save_tiny
@@ -21,11 +24,14 @@ GRID = (1.0, 0.75, 0.5, 0.25, 0.0)
 
 
 def records() -> list[Record]:
-    chats = [("How do I bake bread?", "Mix flour, water and yeast, then bake it."),
-             ("Write a poem about the sea.", "The waves roll in, the gulls cry out."),
-             ("Explain photosynthesis.", "Plants turn light, water and carbon dioxide into sugar.")]
-    return [Record([{"role": "user", "content": q}, {"role": "assistant", "content": a}], kind="retain")
-            for q, a in chats]
+    chats = [
+        ("How do I bake bread?", "Mix flour, water and yeast, then bake it."),
+        ("Write a poem about the sea.", "The waves roll in, the gulls cry out."),
+        ("Explain photosynthesis.", "Plants turn light, water and carbon dioxide into sugar."),
+    ]
+    return [
+        Record([{"role": "user", "content": q}, {"role": "assistant", "content": a}], kind="retain") for q, a in chats
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -103,14 +109,46 @@ def test_cli_writes_the_chosen_model_and_its_provenance(folders, tmp_path, capsy
     start, end = folders
     data = write_records(records(), tmp_path / "val.jsonl")
     out = tmp_path / "out"
-    assert main(["interpolate", str(start), str(end), str(out), "--data", str(data), "--base", str(start),
-                 "--max_loss_change", "0", "--grid", "1,0"]) == 0
+    assert (
+        main(
+            [
+                "interpolate",
+                str(start),
+                str(end),
+                str(out),
+                "--data",
+                str(data),
+                "--base",
+                str(start),
+                "--max_loss_change",
+                "0",
+                "--grid",
+                "1,0",
+            ]
+        )
+        == 0
+    )
     info = json.loads((out / "interpolation.json").read_text())
     assert info["weight"] == 0.0 and [w for w, _ in info["tried"]] == [1.0, 0.0] and info["n_records"] == 3
     assert info["base"] == str(start) and info["end"] == str(end)
     loaded, original = load_model(str(out)), load_model(str(start))
     assert all(torch.equal(p, q) for p, q in zip(loaded.parameters(), original.parameters()))
     assert load_tokenizer(str(out)).get_vocab() == load_tokenizer(str(start)).get_vocab()
-    assert main(["interpolate", str(start), str(end), str(tmp_path / "none"), "--data", str(data),
-                 "--base", str(start), "--max_loss_change", "-1"]) == 2
+    assert (
+        main(
+            [
+                "interpolate",
+                str(start),
+                str(end),
+                str(tmp_path / "none"),
+                "--data",
+                str(data),
+                "--base",
+                str(start),
+                "--max_loss_change",
+                "-1",
+            ]
+        )
+        == 2
+    )
     assert "no weight keeps" in capsys.readouterr().err and not (tmp_path / "none").exists()

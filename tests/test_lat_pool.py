@@ -17,8 +17,12 @@ def bench():
 def folder(path: Path, broken: dict[str, dict[str, list[bool]]], strict: dict[str, float], n: int) -> Path:
     """A lat_hardening.py --out folder: `broken[model][prompt]` lists each variant's verdict."""
     path.mkdir()
-    rows = [{"model": m, "attack": "embedding", "prompt_id": p, "harmful": h}
-            for m, prompts in broken.items() for p, verdicts in prompts.items() for h in verdicts]
+    rows = [
+        {"model": m, "attack": "embedding", "prompt_id": p, "harmful": h}
+        for m, prompts in broken.items()
+        for p, verdicts in prompts.items()
+        for h in verdicts
+    ]
     rows += [{"model": m, "attack": "direct", "prompt_id": p, "harmful": True} for m in broken for p in broken[m]]
     (path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (path / "summary.json").write_text(json.dumps({"n_prompts": n, "asr_embedding_beyond_target": strict}))
@@ -26,11 +30,21 @@ def folder(path: Path, broken: dict[str, dict[str, list[bool]]], strict: dict[st
 
 
 def test_pool_over_two_slices(bench, tmp_path):
-    first = folder(tmp_path / "a", {"vanilla": {"p1": [True], "p2": [True], "p3": [True, False]},
-                                    "hard": {"p1": [False], "p2": [False, False], "p3": [False, True]}},
-                   {"vanilla": 0.5, "hard": 0.2}, n=3)
-    second = folder(tmp_path / "b", {"vanilla": {"p4": [True]}, "hard": {"p4": [False]}, "other": {"p4": [True]}},
-                    {"vanilla": 1.0, "hard": 0.0, "other": 1.0}, n=1)
+    first = folder(
+        tmp_path / "a",
+        {
+            "vanilla": {"p1": [True], "p2": [True], "p3": [True, False]},
+            "hard": {"p1": [False], "p2": [False, False], "p3": [False, True]},
+        },
+        {"vanilla": 0.5, "hard": 0.2},
+        n=3,
+    )
+    second = folder(
+        tmp_path / "b",
+        {"vanilla": {"p4": [True]}, "hard": {"p4": [False]}, "other": {"p4": [True]}},
+        {"vanilla": 1.0, "hard": 0.0, "other": 1.0},
+        n=1,
+    )
     out = bench.pool([first, second], "vanilla")
     assert out["vanilla"]["asr_embedding"] == 1.0  # p3 broken by its first variant only
     assert out["hard"]["asr_embedding"] == 0.25

@@ -21,11 +21,11 @@ def test_logit_gradient_is_the_per_layer_loss_minus_the_weighted_mean(tmp_path):
     cos = torch.nn.functional.cosine_similarity(adapted, frozen, dim=-1).relu()
     per_layer = (cos * mask).sum(dim=(1, 2)) / mask.sum()
     trainer.training_step(model, dict(inputs))
-    c_cb = trainer._metrics["coef_rerouting"][-1]
+    c_cb = trainer.step_metrics["coef_rerouting"][-1]
     # d/dz_l sum_k softmax(z)_k L_k at z = 0 (weights 1/2): (1/2) (L_l - mean_k L_k)
     want = c_cb * 0.5 * (per_layer - per_layer.mean())
     torch.testing.assert_close(trainer.layer_logits.grad, want, rtol=1e-4, atol=1e-7)
-    assert trainer._metrics["layer_weight_2"] == [0.5] and trainer._metrics["layer_weight_4"] == [0.5]
+    assert trainer.step_metrics["layer_weight_2"] == [0.5] and trainer.step_metrics["layer_weight_4"] == [0.5]
 
 
 def test_logits_have_their_own_optimizer_group_and_move_towards_the_harder_layer(tmp_path):
@@ -56,11 +56,11 @@ def test_checkpoint_round_trip_restores_the_logits(tmp_path):
     trainer, model = trainer_for(tmp_path / "a", 0, layer_weights="learned")
     with torch.no_grad():
         trainer.layer_logits.copy_(torch.tensor([0.3, -0.7]))
-    trainer._save(str(tmp_path / "ckpt"))
+    trainer.save_extra_state(str(tmp_path / "ckpt"))
     assert (tmp_path / "ckpt" / LAYER_WEIGHTS_FILE).is_file()
     other, _ = trainer_for(tmp_path / "b", 0, layer_weights="learned")
     other.model = other.model_wrapped = model
-    other._load_from_checkpoint(str(tmp_path / "ckpt"))
+    other.load_extra_state(str(tmp_path / "ckpt"))
     torch.testing.assert_close(other.layer_logits.detach(), torch.tensor([0.3, -0.7]))
 
 
@@ -70,7 +70,7 @@ def test_chunked_step_with_learned_weights_equals_the_whole_batch(tmp_path):
     loss_w = whole.training_step(model_w, dict(inputs))
     chunked, model_c = trainer_for(tmp_path / "c", 40, layer_weights="learned")
     loss_c = chunked.training_step(model_c, dict(inputs))
-    assert chunked._metrics["chunks"][-1] >= 3
+    assert chunked.step_metrics["chunks"][-1] >= 3
     assert loss_c.item() == pytest.approx(loss_w.item(), rel=1e-5)
     torch.testing.assert_close(chunked.layer_logits.grad, whole.layer_logits.grad, rtol=1e-4, atol=1e-8)
     assert whole.layer_logits.grad.abs().sum() > 0

@@ -115,12 +115,15 @@ def test_a_given_count_divides_the_sum_so_chunks_add_up():
     mask = (torch.rand(4, 5) > 0.4).long()
     whole = losses.rerouting_loss(a, f, mask)
     count = mask.sum() * 2  # (layer, token) pairs of the whole batch
-    parts = losses.rerouting_loss(a[:, :2], f[:, :2], mask[:2], count) + losses.rerouting_loss(a[:, 2:], f[:, 2:], mask[2:], count)
+    parts = losses.rerouting_loss(a[:, :2], f[:, :2], mask[:2], count) + losses.rerouting_loss(
+        a[:, 2:], f[:, 2:], mask[2:], count
+    )
     assert parts.item() == pytest.approx(whole.item(), rel=1e-6)
     for distance in ("l2", "relative", "relative_squared"):
         whole = losses.retain_loss(a, f, mask, distance)
-        parts = (losses.retain_loss(a[:, :1], f[:, :1], mask[:1], distance, count)
-                 + losses.retain_loss(a[:, 1:], f[:, 1:], mask[1:], distance, float(count)))
+        parts = losses.retain_loss(a[:, :1], f[:, :1], mask[:1], distance, count) + losses.retain_loss(
+            a[:, 1:], f[:, 1:], mask[1:], distance, float(count)
+        )
         assert parts.item() == pytest.approx(whole.item(), rel=1e-6)
     assert losses.rerouting_loss(a, f, torch.zeros_like(mask), 0).item() == 0.0  # nothing masked, count 0: 0, not NaN
 
@@ -131,9 +134,26 @@ def test_layer_weighted_rerouting_loss_by_hand():
     adapted = torch.tensor([[[[2.0, 0.0], [0.0, 3.0], [1.0, 1.0]]], [[[3.0, 0.0], [0.0, 2.0], [1.0, 1.0]]]])
     mask = torch.tensor([[1, 1, 0]])
     weights = torch.tensor([0.25, 0.75])
-    assert losses.rerouting_loss(adapted, frozen, mask, layer_weights=weights).item() == pytest.approx(0.25 * 0.5 + 0.75 * 1.0)
+    assert losses.rerouting_loss(adapted, frozen, mask, layer_weights=weights).item() == pytest.approx(
+        0.25 * 0.5 + 0.75 * 1.0
+    )
     uniform = losses.rerouting_loss(adapted, frozen, mask, layer_weights=torch.tensor([0.5, 0.5]))
     assert uniform.item() == pytest.approx(losses.rerouting_loss(adapted, frozen, mask).item()) == pytest.approx(0.75)
     # a chunk's share: the count of the whole batch divides, weights still apply
     assert losses.rerouting_loss(adapted, frozen, mask, count=8.0, layer_weights=weights).item() == pytest.approx(
-        (2 * 0.25 * 1 + 2 * 0.75 * 2) / 8)
+        (2 * 0.25 * 1 + 2 * 0.75 * 2) / 8
+    )
+
+
+def test_centered_with_a_batch_mean_from_summed_chunks_equals_the_whole_batch():
+    """`center_sums` of two chunks add up to the whole batch's: the mean `for_cosine` removes is the same."""
+    frozen = torch.tensor([[[[10.0, 1.0], [10.0, -1.0]], [[4.0, 3.0], [0.0, 0.0]]]])  # [1 layer, 2 rows, 2 tokens, 2]
+    mask = torch.tensor([[1, 1], [1, 0]])
+    sums = losses.center_sums(frozen[:, :1], mask[:1]) + losses.center_sums(frozen[:, 1:], mask[1:])
+    assert sums.tolist() == [[24.0, 3.0, 3.0]]
+    center = losses.center_from_sums(sums, frozen.dtype)
+    assert center.shape == (1, 1, 1, 2) and center.flatten().tolist() == [8.0, 1.0]
+    a, f = losses.for_cosine(frozen[:, 1:] + 1, frozen[:, 1:], mask[1:], "centered", center=center)
+    assert f.tolist() == [[[[-4.0, 2.0], [-8.0, -1.0]]]] and torch.equal(a, f + 1)
+    whole_a, whole_f = losses.for_cosine(frozen, frozen, mask, "centered")
+    assert torch.equal(whole_f[:, 1:], f)

@@ -69,8 +69,8 @@ def test_non_causal_model_is_refused(tmp_path):
 
 
 def test_disabled_adapter_equals_base(tmp_path):
+    from circuit_breakers.adapters import add_lora
     from circuit_breakers.config import ModelConfig
-    from circuit_breakers.training.run import add_lora
 
     model = make_model("llama", layers=4)
     ids = torch.randint(3, 200, (2, 6))

@@ -7,15 +7,48 @@ import pytest
 
 from circuit_breakers.cli.main import main
 from circuit_breakers.config import CircuitBreakerConfig
-from circuit_breakers.data.loaders import Prompt, read_prompts
+from circuit_breakers.data.prompts import Prompt, read_prompts
 from circuit_breakers.data.records import read_records
 from circuit_breakers.experiments.main_job import Run, Stage, split_prompts
 from helpers import save_tiny
 
-TOY = ["--n_harmful_train", "6", "--n_harmful_eval", "4", "--n_benign_train", "6", "--n_benign_eval", "3",
-       "--n_borderline_train", "2", "--n_borderline_eval", "3", "--completion_tokens", "6", "--generation_batch_size", "4",
-       "--eval_max_new_tokens", "6", "--judge", "refusal", "--attacks", "direct,prefill", "--max_steps", "2", "--per_device_train_batch_size", "2",
-       "--target_layers", "2", "4", "--logging_steps", "1", "--save_steps", "1", "--max_length", "128"]
+TOY = [
+    "--n_harmful_train",
+    "6",
+    "--n_harmful_eval",
+    "4",
+    "--n_benign_train",
+    "6",
+    "--n_benign_eval",
+    "3",
+    "--n_borderline_train",
+    "2",
+    "--n_borderline_eval",
+    "3",
+    "--completion_tokens",
+    "6",
+    "--generation_batch_size",
+    "4",
+    "--eval_max_new_tokens",
+    "6",
+    "--judge",
+    "refusal",
+    "--attacks",
+    "direct,prefill",
+    "--max_steps",
+    "2",
+    "--per_device_train_batch_size",
+    "2",
+    "--target_layers",
+    "2",
+    "4",
+    "--logging_steps",
+    "1",
+    "--save_steps",
+    "1",
+    "--max_length",
+    "128",
+]
 
 
 def test_split_is_disjoint_and_keeps_category_shares():
@@ -76,8 +109,16 @@ def toy_run(tmp_path_factory):
 
 def test_toy_run_writes_every_output(toy_run):
     root, _ = toy_run
-    for path in ["train/adapter/adapter_model.safetensors", "train/merged/config.json", "train/mask_report.json",
-                 "train/summary.json", "results.json", "samples.jsonl", "report.html", "stages.json"]:
+    for path in [
+        "train/adapter/adapter_model.safetensors",
+        "train/merged/config.json",
+        "train/mask_report.json",
+        "train/summary.json",
+        "results.json",
+        "samples.jsonl",
+        "report.html",
+        "stages.json",
+    ]:
         assert (root / path).exists(), path
     assert set(json.loads((root / "stages.json").read_text())) == {"model", "data", "train", "evaluate"}
     results = json.loads((root / "results.json").read_text())

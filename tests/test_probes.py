@@ -6,17 +6,30 @@ import pytest
 
 from circuit_breakers.data.records import Record
 from circuit_breakers.data.render import render_all
-from circuit_breakers.models import find_decoder_layers
 from circuit_breakers.guard.probes import (
-    Probe, ProbeMonitor, ProbeSettings, calibrate, detection_rates, example_scores, token_features, train_probe,
+    Probe,
+    ProbeMonitor,
+    ProbeSettings,
+    calibrate,
+    detection_rates,
+    example_scores,
+    token_features,
+    train_probe,
     window_score,
 )
+from circuit_breakers.models import find_decoder_layers
 from helpers import make_model, make_tokenizer
 
-HARMFUL = ["Sure, here is how to do it step by step.", "Sure, here is how: mix flour, water, yeast and salt.",
-           "Sure, here is the plan step by step."]
-BENIGN = ["The waves roll in, the gulls cry out.", "Plants turn light, water and carbon dioxide into sugar.",
-          "The capital of France is Paris."]
+HARMFUL = [
+    "Sure, here is how to do it step by step.",
+    "Sure, here is how: mix flour, water, yeast and salt.",
+    "Sure, here is the plan step by step.",
+]
+BENIGN = [
+    "The waves roll in, the gulls cry out.",
+    "Plants turn light, water and carbon dioxide into sugar.",
+    "The capital of France is Paris.",
+]
 
 
 def examples(tokenizer, texts, n, kind):
@@ -87,15 +100,23 @@ def test_window_score_by_hand():
     assert window_score([], 4) == 0.0
 
 
-@pytest.mark.parametrize("threshold,window,halts,new_tokens", [(-1.0, 1, True, 2), (-1.0, 3, True, 4), (2.0, 1, False, 12)])
+@pytest.mark.parametrize(
+    "threshold,window,halts,new_tokens", [(-1.0, 1, True, 2), (-1.0, 3, True, 4), (2.0, 1, False, 12)]
+)
 def test_monitor_halts_generation_when_the_probe_fires_and_unhooks(tiny, threshold, window, halts, new_tokens):
     model, tokenizer = tiny
     probe = Probe(ProbeSettings(layer=2, hidden_size=32, threshold=threshold, window=window))
     monitor = ProbeMonitor(model, probe)
     ids = tokenizer("<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n", return_tensors="pt")["input_ids"]
     with monitor.attached():
-        out = model.generate(ids, max_new_tokens=12, do_sample=False, stopping_criteria=[monitor],
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+        out = model.generate(
+            ids,
+            max_new_tokens=12,
+            do_sample=False,
+            stopping_criteria=[monitor],
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=None,
+        )
     new = out.shape[1] - ids.shape[1]
     assert bool(monitor.fired[0]) is halts
     # the first token is not judged (its state is the prompt's); then `window` judged tokens before firing
@@ -114,20 +135,64 @@ def test_cli_probe_train_writes_probe_and_held_out_report(tmp_path):
     model = save_tiny(tmp_path / "model", layers=4)
 
     def write(path, texts, n):
-        rows = [{"messages": [{"role": "user", "content": f"Question {i}?"},
-                              {"role": "assistant", "content": texts[i % len(texts)]}]} for i in range(n)]
+        rows = [
+            {
+                "messages": [
+                    {"role": "user", "content": f"Question {i}?"},
+                    {"role": "assistant", "content": texts[i % len(texts)]},
+                ]
+            }
+            for i in range(n)
+        ]
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         return str(path)
 
     harmful, benign = write(tmp_path / "h.jsonl", HARMFUL, 20), write(tmp_path / "b.jsonl", BENIGN, 20)
     out = tmp_path / "model" / "probe"
-    code = main(["probe", "train", "--model", str(model), "--harmful", harmful, "--benign", benign, "--out", str(out),
-                 "--epochs", "20", "--lr", "1e-2", "--window", "4"])
+    code = main(
+        [
+            "probe",
+            "train",
+            "--model",
+            str(model),
+            "--harmful",
+            harmful,
+            "--benign",
+            benign,
+            "--out",
+            str(out),
+            "--epochs",
+            "20",
+            "--lr",
+            "1e-2",
+            "--window",
+            "4",
+        ]
+    )
     assert code == 0
     report = json.loads((out / "probe_report.json").read_text())
-    assert report["counts"] == {"harmful_train": 14, "harmful_test": 6, "benign_train": 12,
-                                "benign_calibration": 4, "benign_test": 4}
+    assert report["counts"] == {
+        "harmful_train": 14,
+        "harmful_test": 6,
+        "benign_train": 12,
+        "benign_calibration": 4,
+        "benign_test": 4,
+    }
     assert report["layer"] == 2 and report["window"] == 4  # default: the middle of 4 blocks
     assert report["test"]["recall"] == 1.0
     probe = Probe.load(out)
     assert probe.settings.threshold == pytest.approx(report["threshold"]) and probe.settings.window == 4
+
+
+def test_find_probe_auto_takes_the_probe_beside_a_local_model(tmp_path):
+    """`serve --probe auto`: MODEL_DIR/probe when it holds a saved probe, else no guard; `none` is no guard
+    and any other value is the probe folder itself."""
+    from circuit_breakers.guard.probes import PROBE_CONFIG, find_probe
+
+    model = tmp_path / "model"
+    (model / "probe").mkdir(parents=True)
+    assert find_probe(str(model), "auto") is None  # a folder without probe.json is not a probe
+    (model / "probe" / PROBE_CONFIG).write_text("{}")
+    assert find_probe(str(model), "auto") == str(model / "probe")
+    assert find_probe(str(model), "none") is None
+    assert find_probe(str(model), str(tmp_path / "elsewhere")) == str(tmp_path / "elsewhere")

@@ -22,8 +22,8 @@ from circuit_breakers.cli.main import main
 from circuit_breakers.config import ConfigError, parse_config
 from circuit_breakers.data.records import DataError
 from circuit_breakers.models import ModelError, load_model
+from circuit_breakers.training import CheckpointError, TrainingInterrupted
 from circuit_breakers.training.run import RUN_FILE, layer_plan, train
-from circuit_breakers.training.trainer import CheckpointError, TrainingInterrupted
 from helpers import save_tiny
 
 HARMFUL = "Sure, here is how to do it step by step. Mix flour, water, yeast and salt, then knead."
@@ -51,11 +51,46 @@ def setup(tmp_path_factory):
 
 def args(setup, out, *extra):
     _, model, cb, retain = setup
-    return ["--model_name_or_path", str(model), "--cb_data", cb, "--retain_data", retain, "--output_dir", str(out),
-            "--max_steps", str(STEPS), "--per_device_train_batch_size", "2", "--target_layers", "2", "4",
-            "--logging_steps", "1", "--save_steps", "100", "--seed", "0", "--dataloader_num_workers", "0",
-            "--lora_init", "random", "--learning_rate", "2e-2", "--alpha", "5", "--representation", "centered",
-            "--cb_mask_mode", "completion", "--merge", "false", "--disable_tqdm", "true", *extra]
+    return [
+        "--model_name_or_path",
+        str(model),
+        "--cb_data",
+        cb,
+        "--retain_data",
+        retain,
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        str(STEPS),
+        "--per_device_train_batch_size",
+        "2",
+        "--target_layers",
+        "2",
+        "4",
+        "--logging_steps",
+        "1",
+        "--save_steps",
+        "100",
+        "--seed",
+        "0",
+        "--dataloader_num_workers",
+        "0",
+        "--lora_init",
+        "random",
+        "--learning_rate",
+        "2e-2",
+        "--alpha",
+        "5",
+        "--representation",
+        "centered",
+        "--cb_mask_mode",
+        "completion",
+        "--merge",
+        "false",
+        "--disable_tqdm",
+        "true",
+        *extra,
+    ]
 
 
 def losses(log_history):
@@ -86,7 +121,7 @@ CHILD = textwrap.dedent("""
     from transformers import TrainerCallback
     from circuit_breakers.config import parse_config
     from circuit_breakers.training.run import train
-    from circuit_breakers.training.trainer import TrainingInterrupted
+    from circuit_breakers.training import TrainingInterrupted
 
     class Pace(TrainerCallback):  # slow enough that the signal lands mid-run, never after the end
         def on_step_end(self, args, state, control, **kwargs):
@@ -106,8 +141,13 @@ def test_sigterm_mid_training_then_resume_equals_uninterrupted_run(setup, refere
     want_losses, want_adapter, _ = reference
     out = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, *args(setup, out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, *args(setup, out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -136,7 +176,9 @@ def test_sigint_saves_a_checkpoint_and_restores_handlers(setup, tmp_path):
                 os.kill(os.getpid(), signal.SIGINT)
 
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    with pytest.raises(TrainingInterrupted, match=r"stopped by SIGINT at step 2; checkpoint .*checkpoint-2 written") as info:
+    with pytest.raises(
+        TrainingInterrupted, match=r"stopped by SIGINT at step 2; checkpoint .*checkpoint-2 written"
+    ) as info:
         train(*parse_config(args(setup, tmp_path / "int", "--max_steps", "4")), callbacks=[Interrupt()])
     assert info.value.exit_code == 130
     assert (tmp_path / "int" / "checkpoint-2" / "adapter_model.safetensors").is_file()
@@ -177,19 +219,26 @@ def test_disk_full_mid_checkpoint_keeps_the_previous_one_and_resume_finishes(set
 
     monkeypatch.setattr(peft.peft_model, "safe_save_file", full_on_export)
     with pytest.raises(CheckpointError, match=rf"adapter: disk full .*checkpoint-{STEPS} is intact"):
-        train(*parse_config(args(setup, out, "--save_steps", "2", "--save_total_limit", "1",
-                                 "--resume_from_checkpoint", "last")))
+        train(
+            *parse_config(
+                args(setup, out, "--save_steps", "2", "--save_total_limit", "1", "--resume_from_checkpoint", "last")
+            )
+        )
     monkeypatch.setattr(peft.peft_model, "safe_save_file", real_safe)
     assert not (out / "adapter").exists()
 
-    done = train(*parse_config(args(setup, out, "--save_steps", "2", "--save_total_limit", "1",
-                                    "--resume_from_checkpoint", "last")))
+    done = train(
+        *parse_config(
+            args(setup, out, "--save_steps", "2", "--save_total_limit", "1", "--resume_from_checkpoint", "last")
+        )
+    )
     assert losses(done.log_history) == want_losses
     assert_same_adapter(adapter(out), want_adapter)
 
 
-def test_disk_full_during_the_merged_export_keeps_the_adapter_and_leaves_no_half_model(setup, reference, tmp_path,
-                                                                                       monkeypatch):
+def test_disk_full_during_the_merged_export_keeps_the_adapter_and_leaves_no_half_model(
+    setup, reference, tmp_path, monkeypatch
+):
     import transformers.modeling_utils
 
     _, want_adapter, _ = reference
@@ -225,8 +274,11 @@ def test_output_dir_holding_a_different_run_is_refused_unless_overwritten(setup,
     (run / "notes.txt").write_text("mine")
 
     other = args(setup, run, "--learning_rate", "1e-2", "--max_steps", "1")
-    with pytest.raises(ConfigError, match=r"already holds a different run \(.*learning_rate 0\.02 -> 0\.01.*"
-                                          r"--overwrite_output_dir true"):
+    with pytest.raises(
+        ConfigError,
+        match=r"already holds a different run \(.*learning_rate 0\.02 -> 0\.01.*"
+        r"--overwrite_output_dir true",
+    ):
         train(*parse_config(other))
     assert main(["train", *other]) == 2  # the CLI: one line, exit code 2
 
@@ -248,7 +300,9 @@ def test_same_run_in_the_same_dir_is_allowed(setup, reference):
     from circuit_breakers.training.run import check_output_dir, read_labelled, run_identity
 
     m, d, c = parse_config(args(setup, ref_dir, "--logging_steps", "3", "--save_steps", "7"))
-    identity = run_identity(m, d, c, [r for _, r in read_labelled(d.cb_data)], [r for _, r in read_labelled(d.retain_data)])
+    identity = run_identity(
+        m, d, c, [r for _, r in read_labelled(d.cb_data)], [r for _, r in read_labelled(d.retain_data)]
+    )
     assert check_output_dir(ref_dir, identity, overwrite=False) is False
 
 
@@ -271,15 +325,28 @@ def test_a_setting_added_later_at_its_default_is_the_same_run(setup, reference, 
         check_output_dir(old, run_identity(m, d, c, cb, retain), overwrite=False)
 
 
-@pytest.mark.parametrize("rows, message", [
-    (['{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}', '{"messages": ['],
-     r"cb\.jsonl:2: invalid JSON"),
-    ([chat("a", "b"), {"prompt": "no messages here"}], r"cb\.jsonl:2: row needs a `messages` list"),
-    ([chat("a", "b"), {"messages": [{"role": "user", "content": "only a question"}]}],
-     r"cb\.jsonl:2: .*no assistant turn"),
-    ([chat("a", "b"), chat("c", "")], r"cb\.jsonl:2: empty completion \(the assistant turn has no text\)"),
-    ([chat("a", "b"), chat("c", "word " * 80)], r"cb\.jsonl:2: completion is \d+ tokens, longer than max_length 48"),
-])
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        (
+            [
+                '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}',
+                '{"messages": [',
+            ],
+            r"cb\.jsonl:2: invalid JSON",
+        ),
+        ([chat("a", "b"), {"prompt": "no messages here"}], r"cb\.jsonl:2: row needs a `messages` list"),
+        (
+            [chat("a", "b"), {"messages": [{"role": "user", "content": "only a question"}]}],
+            r"cb\.jsonl:2: .*no assistant turn",
+        ),
+        ([chat("a", "b"), chat("c", "")], r"cb\.jsonl:2: empty completion \(the assistant turn has no text\)"),
+        (
+            [chat("a", "b"), chat("c", "word " * 80)],
+            r"cb\.jsonl:2: completion is \d+ tokens, longer than max_length 48",
+        ),
+    ],
+)
 def test_bad_rows_stop_with_file_and_line(setup, tmp_path, capsys, rows, message):
     root, model, _, retain = setup
     cb = write_jsonl(tmp_path / "cb.jsonl", rows)
@@ -314,17 +381,22 @@ def test_retain_layers_above_the_cut_need_the_full_model(setup):
     m, _, c = parse_config(args(setup, "unused", "--target_layers", "2", "--retain_layers", "2,5"))
     with pytest.raises(ModelError, match=r"retain_layers \[5\] lie above the deepest target layer \(2\)"):
         layer_plan(6, c, m)
-    m, _, c = parse_config(args(setup, "unused", "--target_layers", "2", "--retain_layers", "2,5", "--truncate_layers", "false"))
+    m, _, c = parse_config(
+        args(setup, "unused", "--target_layers", "2", "--retain_layers", "2,5", "--truncate_layers", "false")
+    )
     assert layer_plan(6, c, m)[:2] == ([2], [2, 5])
 
 
-@pytest.mark.parametrize("line, message", [
-    ("max_steps: ten", r"max_steps must be an integer, got 'ten'"),
-    ("target_layers: 3", r"target_layers must be a list of integers, got 3"),
-    ("merge: maybe", r"merge must be true or false, got 'maybe'"),
-    ("lora_init: gaussian", r"lora_init must be one of \['zero', 'random'\], got 'gaussian'"),
-    ("bad_rows: ignore", r"bad_rows must be one of \['error', 'skip'\]"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("max_steps: ten", r"max_steps must be an integer, got 'ten'"),
+        ("target_layers: 3", r"target_layers must be a list of integers, got 3"),
+        ("merge: maybe", r"merge must be true or false, got 'maybe'"),
+        ("lora_init: gaussian", r"lora_init must be one of \['zero', 'random'\], got 'gaussian'"),
+        ("bad_rows: ignore", r"bad_rows must be one of \['error', 'skip'\]"),
+    ],
+)
 def test_mistyped_recipe_values_are_refused(tmp_path, line, message):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(line + "\n")
@@ -336,8 +408,10 @@ def test_remote_code_is_not_run_unless_the_recipe_says_so(tmp_path):
     """Model folders whose config points at their own Python code: loading must not execute that code."""
     folder = save_tiny(tmp_path / "m")
     marker = tmp_path / "pwned"
-    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
-                                    "from transformers import LlamaConfig\nclass EvilConfig(LlamaConfig):\n    pass\n")
+    (folder / "evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from transformers import LlamaConfig\nclass EvilConfig(LlamaConfig):\n    pass\n"
+    )
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoConfig": "evil.EvilConfig"}}))
     assert parse_config([])[0].trust_remote_code is False  # the default
@@ -345,7 +419,9 @@ def test_remote_code_is_not_run_unless_the_recipe_says_so(tmp_path):
     assert type(load_model(str(folder)).config).__name__ == "LlamaConfig"
     assert not marker.exists()
     # An architecture transformers does not know: refused with a clear message, still nothing run.
-    (folder / "config.json").write_text(json.dumps({**config, "model_type": "evil", "auto_map": {"AutoConfig": "evil.EvilConfig"}}))
+    (folder / "config.json").write_text(
+        json.dumps({**config, "model_type": "evil", "auto_map": {"AutoConfig": "evil.EvilConfig"}})
+    )
     with pytest.raises(ModelError, match=r"needs its own model code .*trust_remote_code: true"):
         load_model(str(folder))
     assert not marker.exists()

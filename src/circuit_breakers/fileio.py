@@ -12,7 +12,7 @@ import json
 import math
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,12 +21,19 @@ from typing import IO, Any
 STAGING_PREFIX = ".tmp-"
 
 
+def staging_name(path: Path, prefix: str = STAGING_PREFIX) -> Path:
+    """A fresh name beside `path` for its temporary copy (same folder, so the final rename is atomic)."""
+    return path.with_name(f"{prefix}{path.name}.{uuid.uuid4().hex[:8]}")
+
+
 @contextmanager
 def atomic_open(path: str | Path, prefix: str = STAGING_PREFIX) -> Iterator[IO[str]]:
     """Open a text handle whose content replaces `path` only when the block ends without error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{path.name}.", dir=path.parent)
+    tmp = staging_name(path, prefix)
+    # os.open with 0o666 (not mkstemp's 0o600): the finished file gets the permissions the umask gives
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             yield handle
@@ -76,7 +83,8 @@ def atomic_dir(final: str | Path, prefix: str = STAGING_PREFIX) -> Iterator[Path
     """Yield an empty folder beside `final` that becomes `final` when the block ends without error."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"{prefix}{final.name}.", dir=final.parent))
+    staging = staging_name(final, prefix)
+    staging.mkdir()  # not mkdtemp, whose 0o700 the finished folder would keep
     try:
         yield staging
         replace_dir(staging, final, prefix)

@@ -8,7 +8,8 @@ gives a loss of exactly 0, never NaN.
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -72,27 +73,42 @@ def retain_loss(
     return _masked_mean(dist, mask, count)
 
 
+def center_sums(frozen: Tensor, mask: Tensor) -> Tensor:
+    """[L, H + 1]: per layer, the frozen states summed over the masked tokens, and their count. Sums of
+    several chunks (and devices) add up, so `center_from_sums` of the total is the whole batch's mean."""
+    w = mask.to(frozen.dtype)[None, :, :, None]
+    return torch.cat([(frozen * w).sum(dim=(1, 2)), w.sum(dim=(1, 2)).expand(frozen.shape[0], 1)], dim=-1)
+
+
+def center_from_sums(sums: Tensor, dtype: torch.dtype) -> Tensor:
+    """[L, 1, 1, H]: the mean of `center_sums` (summed in float32), in `dtype`: what `centered` removes."""
+    sums = sums.float()
+    return (sums[:, :-1] / sums[:, -1:].clamp_min(1.0)).to(dtype)[:, None, None, :]
+
+
 def for_cosine(
     adapted: Tensor,
     frozen: Tensor,
     mask: Tensor,
     mode: Representation = "raw",
     outlier_dims: Sequence[int] = (),
+    center: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The representation the rerouting cosine sees (issue 10).
 
     - raw: the hidden states as they are (paper).
     - centered: the frozen per-dimension mean over the batch's masked tokens, per layer, removed from
       both, so a few high-energy dimensions shared by every token no longer pin the cosine near 1.
+      `center` [L, 1, 1, H]: that mean when computed beforehand over more than these rows (a batch run in
+      chunks, several devices: `center_sums`, `center_from_sums`); None: the mean over `mask` here.
     - no_outliers: the given dimensions (found from frozen activation statistics) set to zero in both.
     """
     if mode == "raw":
         return adapted, frozen
     if mode == "centered":
-        w = mask.to(frozen.dtype)[None, :, :, None]
-        mean = (frozen * w).sum(dim=(1, 2), keepdim=True) / w.sum(dim=(1, 2), keepdim=True).clamp_min(1.0)
-        mean = mean.detach()
-        return adapted - mean, frozen - mean
+        if center is None:
+            center = center_from_sums(center_sums(frozen.detach(), mask), frozen.dtype)
+        return adapted - center, frozen - center
     if mode == "no_outliers":
         keep = torch.ones(frozen.shape[-1], dtype=frozen.dtype, device=frozen.device)
         keep[list(outlier_dims)] = 0

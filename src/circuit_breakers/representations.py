@@ -8,13 +8,13 @@ stacked or kept, and the forward pass stops right after the deepest one.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .models import _unwrap, find_decoder_layers
+from .models import find_decoder_layers, unwrap_model
 
 
 class _Stop(Exception):
@@ -23,7 +23,7 @@ class _Stop(Exception):
 
 def _body(model: nn.Module) -> nn.Module:
     """The decoder body (embeddings + blocks + final norm) of a *ForCausalLM model."""
-    base = _unwrap(model)
+    base = unwrap_model(model)
     return getattr(base, "base_model", base)
 
 
@@ -48,7 +48,7 @@ def hidden_states(
     out: dict[int, Tensor] = {}
     deepest = wanted[-1] if wanted else 0
     # Under gradient checkpointing blocks re-run during backward, where stopping must not happen.
-    base = _unwrap(model)
+    base = unwrap_model(model)
     checkpointing = getattr(base, "is_activation_checkpointing", None)
     if checkpointing is None:
         checkpointing = getattr(base, "is_gradient_checkpointing", False)

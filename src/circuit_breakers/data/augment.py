@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from typing import Literal
 
 from .records import DataError, Record
+from .refusal import looks_like_refusal
 
 __all__ = ["as_refusal_retain", "drop_user_turns", "without_user_turn", "xstest_refusal_retain"]
 
@@ -32,7 +33,14 @@ def without_user_turn(record: Record, mode: Literal["drop", "empty"] = "drop") -
         head.append({"role": "user", "content": ""})
     messages = head + [copy.deepcopy(record.messages[turn])]
     meta = dict(record.meta) | {"augmentation": "no_user_turn"}
-    return Record(messages=messages, kind=record.kind, tools=record.tools, category=record.category, source=record.source, meta=meta)
+    return Record(
+        messages=messages,
+        kind=record.kind,
+        tools=record.tools,
+        category=record.category,
+        source=record.source,
+        meta=meta,
+    )
 
 
 def drop_user_turns(
@@ -62,8 +70,6 @@ def as_refusal_retain(records: Iterable[Record], only_refusals: bool = False) ->
     With `only_refusals`, completions that do not look like refusals are left out: retaining a
     compliant answer to a harmful prompt would teach the opposite of what is wanted.
     """
-    from .generate import looks_like_refusal
-
     out = []
     for record in records:
         if only_refusals and not looks_like_refusal(record.completion):
@@ -78,6 +84,7 @@ def xstest_refusal_retain(records: Iterable[Record]) -> list[Record]:
     """XSTest completion records (from `load_xstest_completions`) that refuse an unsafe prompt in
     full, as human-labelled refusal-retain data."""
     return [
-        r for r in as_refusal_retain(records)
+        r
+        for r in as_refusal_retain(records)
         if r.meta.get("label") == "unsafe" and r.meta.get("final_label") == "2_full_refusal"
     ]

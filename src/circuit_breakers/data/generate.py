@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-import torch
-from jinja2 import TemplateError
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .loaders import Prompt, load_builtin_prompts
+from ..generation import generate_batches, generation_config, render_prompts, stop_token_ids
+from .prompts import Prompt, load_builtin_prompts
 from .records import DataError, Kind, Record, read_records, write_records
-from .render import DropRow, render
+from .refusal import looks_like_refusal
 
 __all__ = [
     "Prefill",
@@ -64,49 +63,8 @@ def as_prompts(items: Iterable[Prompt | str | Mapping[str, Any]]) -> list[Prompt
 
 
 def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> list[int]:
-    """Token ids that end an assistant turn: EOS, the model's configured EOS ids, and the special
-    token the chat template itself writes after an assistant message (found by rendering one)."""
-    ids: list[int] = []
-
-    def add(value: Any) -> None:
-        for v in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(v, int) and v not in ids:
-                ids.append(v)
-
-    add(tokenizer.eos_token_id)
-    if model is not None and getattr(model, "generation_config", None) is not None:
-        add(model.generation_config.eos_token_id)
-    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id and tokenizer.pad_token_id in ids:
-        ids.remove(tokenizer.pad_token_id)  # a config's stale EOS id that the tokenizer uses for padding
-    try:
-        probe = Record.from_prompt("Hi", "Hello", "retain")
-        example = render(tokenizer, probe, max_length=10_000)
-        last = example.input_ids[example.completion_end - 1]
-        if last in set(tokenizer.all_special_ids) | {
-            i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)
-        }:
-            add(last)
-    except (DataError, DropRow, ValueError, TypeError, TemplateError):
-        pass  # a template that cannot render the probe still has EOS
-    return ids
-
-
-_REFUSAL_MARKERS = (
-    "i can't", "i cannot", "i can not", "i won't", "i will not", "i'm sorry", "i am sorry", "i apologize",
-    "sorry, but", "i'm not able", "i am not able", "i'm unable", "i am unable", "as an ai", "i must decline",
-    "i'm not going to", "i am not going to", "cannot assist", "can't assist", "cannot help", "can't help",
-    "cannot provide", "can't provide", "not appropriate", "against my", "i do not feel comfortable",
-    "i don't feel comfortable", "cannot fulfill", "can't fulfill", "unable to provide", "unable to help",
-)
-
-
-def looks_like_refusal(text: str, window: int = 200) -> bool:
-    """A cheap refusal test on the opening of a completion, for filtering self-generated refusals.
-
-    Only a filter for building refusal-retain data; evaluation uses proper judges.
-    """
-    head = text[:window].lower().replace("\u2019", "'")
-    return any(marker in head for marker in _REFUSAL_MARKERS)
+    """Token ids that end an assistant turn (`generation.stop_token_ids`, taken tokenizer first)."""
+    return stop_token_ids(model, tokenizer)
 
 
 # ---------------------------------------------------------------------------------- the JSONL file
@@ -145,20 +103,6 @@ def read_generated(path: str | Path) -> list[Record]:
     return read_records(path)
 
 
-@contextmanager
-def _left_padding(tokenizer: PreTrainedTokenizerBase) -> Iterator[None]:
-    side, pad = tokenizer.padding_side, tokenizer.pad_token
-    tokenizer.padding_side = "left"
-    if pad is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    try:
-        yield
-    finally:
-        tokenizer.padding_side = side
-        if pad is None:
-            tokenizer.pad_token = pad
-
-
 def _progress(enabled: bool, total: int, done: int, description: str):  # -> rich Progress or None
     if not enabled:
         return None
@@ -173,7 +117,11 @@ def _progress(enabled: bool, total: int, done: int, description: str):  # -> ric
     )
 
     progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
         console=Console(stderr=True),
     )
     progress.start()
@@ -188,26 +136,12 @@ def _prefill_for(prefill: Prefill | str | None, prompt: Prompt) -> str | None:
     return text or None
 
 
-@torch.inference_mode()
-def _generate_batch(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    inputs: Sequence[str],
-    config: GenerationConfig,
-    stop_ids: set[int],
-) -> list[tuple[str, str]]:
-    """(decoded new text, finish reason) for each rendered input."""
-    with _left_padding(tokenizer):
-        encoded = tokenizer(list(inputs), add_special_tokens=False, padding=True, return_tensors="pt")
-    encoded = {k: v.to(model.device) for k, v in encoded.items()}
-    output = model.generate(**encoded, generation_config=config)
-    new = output[:, encoded["input_ids"].shape[1] :]
-    results = []
-    for row in new.tolist():
-        finish = "stop" if any(t in stop_ids for t in row) else "length"
-        cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
-        results.append((tokenizer.decode(row[:cut], skip_special_tokens=True), finish))
-    return results
+def _until_stop(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int], stop_ids: set[int]) -> tuple[str, str]:
+    """(decoded text before the first stop id, finish reason "stop" or "length")."""
+    cut = next((i for i, t in enumerate(ids) if t in stop_ids), None)
+    if cut is None:
+        return tokenizer.decode(list(ids), skip_special_tokens=True), "length"
+    return tokenizer.decode(list(ids[:cut]), skip_special_tokens=True), "stop"
 
 
 def generate_completions(
@@ -237,30 +171,23 @@ def generate_completions(
     done = {str(r.meta.get("prompt_id")) for r in read_generated(out_path)}
     todo = [p for p in items if p.id not in done]
 
-    rendered: list[tuple[Prompt, str | None, str]] = []
-    for prompt in todo:
-        start = _prefill_for(prefill, prompt)
-        text = tokenizer.apply_chat_template(prompt.to_messages(system_prompt), tokenize=False, add_generation_prompt=True)
-        rendered.append((prompt, start, text + (start or "")))
-    lengths = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for _, _, text in rendered]
-    order = sorted(range(len(rendered)), key=lambda i: -lengths[i])
-
-    stop_ids = end_of_turn_ids(tokenizer, model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids, pad_token_id=pad_id)
+    starts = [_prefill_for(prefill, prompt) for prompt in todo]
+    texts = render_prompts(tokenizer, [prompt.to_messages(system_prompt) for prompt in todo], starts)
+    config = generation_config(model, tokenizer, max_new_tokens)
+    stop_ids = set(config.eos_token_id)
     generator = getattr(model.config, "_name_or_path", None) or type(model).__name__
-    was_training = model.training
-    model.eval()
     bar = _progress(progress, len(items), len(items) - len(todo), f"generating {kind}")
     try:
-        with out_path.open("a", encoding="utf-8") as handle:
-            for lo in range(0, len(order), batch_size):
-                batch = [rendered[i] for i in order[lo : lo + batch_size]]
-                outputs = _generate_batch(model, tokenizer, [text for _, _, text in batch], config, set(stop_ids))
-                for (prompt, start, _), (new_text, finish) in zip(batch, outputs):
+        batches = closing(generate_batches(model, tokenizer, texts, config, batch_size))
+        with out_path.open("a", encoding="utf-8") as handle, batches as generated:
+            for batch in generated:
+                for row, ids in batch:
+                    prompt, start = todo[row], starts[row]
+                    new_text, finish = _until_stop(tokenizer, ids, stop_ids)
                     completion = (start + new_text) if start else new_text.lstrip()
+                    answer = {"role": "assistant", "content": completion.rstrip()}
                     record = Record(
-                        messages=[*prompt.to_messages(system_prompt), {"role": "assistant", "content": completion.rstrip()}],
+                        messages=[*prompt.to_messages(system_prompt), answer],
                         kind=kind,
                         category=prompt.category,
                         source=prompt.source,
@@ -274,7 +201,6 @@ def generate_completions(
     finally:
         if bar is not None:
             bar.stop()
-        model.train(was_training)
     wanted = {p.id for p in items}
     by_id = {str(r.meta.get("prompt_id")): r for r in read_records(out_path) if str(r.meta.get("prompt_id")) in wanted}
     return [by_id[p.id] for p in items if p.id in by_id]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from ..fileio import write_jsonl_atomic
 
 Kind = Literal["circuit_breaker", "retain", "refusal_retain"]
 KINDS: tuple[str, ...] = ("circuit_breaker", "retain", "refusal_retain")
@@ -146,18 +148,6 @@ def read_records(path: str | Path, kind: Kind | None = None, dropped: Counter | 
     return records
 
 
-def write_jsonl(rows: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
-    """Write dicts as JSONL (atomically: a temporary file renamed into place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-    tmp.replace(path)
-    return path
-
-
 def write_records(records: Iterable[Record], path: str | Path) -> Path:
-    """Write records as JSONL (atomically)."""
-    return write_jsonl((record.to_dict() for record in records), path)
+    """Write records as JSONL (atomically: a crash leaves the old file or the new one, never a torn one)."""
+    return write_jsonl_atomic(path, (record.to_dict() for record in records))

@@ -98,13 +98,19 @@ def tool_support(tokenizer: PreTrainedTokenizerBase) -> dict[str, bool]:
 
     user = {"role": "user", "content": "hi"}
     call = {"id": "call00001", "type": "function", "function": {"name": _PROBE_NAME, "arguments": {"a": 1}}}
-    schema = {"type": "function", "function": {"name": _PROBE_NAME, "description": "probe", "parameters": {"type": "object", "properties": {}}}}
+    parameters = {"type": "object", "properties": {}}
+    schema = {"type": "function", "function": {"name": _PROBE_NAME, "description": "probe", "parameters": parameters}}
     support = {
         "tools": renders([user], _PROBE_NAME, tools=[schema]),
         "tool_calls": renders([user, {"role": "assistant", "content": "", "tool_calls": [call]}], _PROBE_NAME),
-        "tool_role": renders([user, {"role": "assistant", "content": "", "tool_calls": [call]},
-                              {"role": "tool", "content": _PROBE_NAME + "r", "tool_call_id": "call00001", "name": _PROBE_NAME}],
-                             _PROBE_NAME + "r"),
+        "tool_role": renders(
+            [
+                user,
+                {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "content": _PROBE_NAME + "r", "tool_call_id": "call00001", "name": _PROBE_NAME},
+            ],
+            _PROBE_NAME + "r",
+        ),
         "system": renders([{"role": "system", "content": _PROBE_NAME + "s"}, user], _PROBE_NAME + "s"),
     }
     _support_cache[key] = support
@@ -155,7 +161,8 @@ def tools_text(tools: list[dict[str, Any]]) -> str:
     lines = [JSON_TOOLS_PREAMBLE]
     for tool in tools:
         function = tool.get("function", tool)
-        lines.append(json.dumps({k: function[k] for k in ("name", "description", "parameters") if k in function}, ensure_ascii=False))
+        shown = {k: function[k] for k in ("name", "description", "parameters") if k in function}
+        lines.append(json.dumps(shown, ensure_ascii=False))
     return "\n".join(lines)
 
 
@@ -196,7 +203,8 @@ def prepare_tool_messages(
                 out.append({"role": "user", "content": f"Tool result: {content}"})
         elif role == "user" and out and out[-1]["role"] == "user" and not support["tool_role"]:
             # a tool result written as a user turn: merge, templates that need alternation accept it
-            out[-1] = {**out[-1], "content": _content(out[-1].get("content")) + "\n\n" + _content(message.get("content"))}
+            merged = _content(out[-1].get("content")) + "\n\n" + _content(message.get("content"))
+            out[-1] = {**out[-1], "content": merged}
         else:
             out.append({k: v for k, v in message.items() if k != "tool_calls"})
     if tools and not (fmt == "llama31" and support["tools"]):
@@ -222,7 +230,7 @@ def _eom_after_calls(text: str, calls: list[str]) -> str:
         end = found + len(call)
         eot = text.find(EOT_LLAMA, end)
         if eot >= 0 and not text[end:eot].strip():
-            text = text[:eot] + EOM + text[eot + len(EOT_LLAMA):]
+            text = text[:eot] + EOM + text[eot + len(EOT_LLAMA) :]
         at = end
     return text
 
@@ -248,7 +256,7 @@ def prompt_text(tokenizer: PreTrainedTokenizerBase, record: Record) -> str:
     return _render_messages(tokenizer, record, record.messages[: record.completion_turn], generation_prompt=True)
 
 
-def _tool_call_char(tokenizer: PreTrainedTokenizerBase, record: Record, text: str, start: int) -> int | None:
+def tool_call_char(tokenizer: PreTrainedTokenizerBase, record: Record, text: str, start: int) -> int | None:
     """Character offset in `text` where the completion's tool-call text starts (None: not found)."""
     turn = record.completion_turn
     message = record.messages[turn]
@@ -263,7 +271,8 @@ def _tool_call_char(tokenizer: PreTrainedTokenizerBase, record: Record, text: st
     bare = {k: v for k, v in message.items() if k != "tool_calls"}
     at = len(text)
     for tail in ("", "\u2063"):
-        plain = _render_messages(tokenizer, record, [*record.messages[:turn], {**bare, "content": _content(bare.get("content")) + tail}], False)
+        last = {**bare, "content": _content(bare.get("content")) + tail}
+        plain = _render_messages(tokenizer, record, [*record.messages[:turn], last], False)
         at = min(at, len(os.path.commonprefix([text, plain])))
     return at if start <= at < len(text) else None
 
@@ -309,7 +318,8 @@ def completion_char_span(tokenizer: PreTrainedTokenizerBase, record: Record) -> 
         # Tool-call text follows the content and is part of what the model produces. A template that
         # ignores tool_calls would leave an empty turn: drop it rather than train on nothing.
         end = len(text.rstrip())
-        names = [str((call.get("function") or call).get("name", "")) for call in message["tool_calls"] if isinstance(call, dict)]
+        calls = [call for call in message["tool_calls"] if isinstance(call, dict)]
+        names = [str((call.get("function") or call).get("name", "")) for call in calls]
         if not names or any(name not in text[start:end] for name in names):
             raise DropRow("tool_calls_not_rendered", "the chat template does not write tool calls")
         return text, start, end
@@ -393,18 +403,26 @@ def render(
 
 
 def _check_tool_call_mask(
-    tokenizer: PreTrainedTokenizerBase, record: Record, text: str, start: int, ids: list[int],
-    offsets: Sequence[tuple[int, int]], first: int, stop: int, specials: set[int],
+    tokenizer: PreTrainedTokenizerBase,
+    record: Record,
+    text: str,
+    start: int,
+    ids: list[int],
+    offsets: Sequence[tuple[int, int]],
+    first: int,
+    stop: int,
+    specials: set[int],
 ) -> int:
     """Index of the tool call's first token, after checking that the completion span [first, stop)
     holds it, every call name and a closing special token; raises DropRow("tool_call_mask") naming
     what is missing, so a bad mask is listed in the report instead of trained on."""
-    at = _tool_call_char(tokenizer, record, text, start)
+    at = tool_call_char(tokenizer, record, text, start)
     if at is None:
         raise DropRow("tool_call_mask", "the tool call's text was not found after the completion start")
     token = next((i for i, (s, e) in enumerate(offsets) if e > at), None)
     if token is None or not first <= token < stop:
-        raise DropRow("tool_call_mask", f"the tool call's first token ({token}) is outside the completion tokens [{first}, {stop})")
+        where = f"the tool call's first token ({token}) is outside the completion tokens [{first}, {stop})"
+        raise DropRow("tool_call_mask", where)
     masked = tokenizer.decode(ids[token:stop], skip_special_tokens=False)
     for call in record.messages[record.completion_turn]["tool_calls"]:
         name = call_parts(call)[0]

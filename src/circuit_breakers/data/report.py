@@ -16,6 +16,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from ..fileio import write_text_atomic
 from .records import KINDS, DataError, read_records
 from .render import MASK_MODES, Example, RenderResult, render_all
 
@@ -41,7 +42,8 @@ def example_segments(
         j = i
         while j < hi and example.loss_mask[j] == example.loss_mask[i]:
             j += 1
-        segments.append((tokenizer.decode(example.input_ids[i:j], skip_special_tokens=False), bool(example.loss_mask[i])))
+        piece = tokenizer.decode(example.input_ids[i:j], skip_special_tokens=False)
+        segments.append((piece, bool(example.loss_mask[i])))
         i = j
     if hi < n:
         segments.append(("…", False))
@@ -101,10 +103,14 @@ def _warnings(name: str, report: Mapping[str, Any]) -> list[str]:
     if report["records"] and sum(report["dropped"].values()) > report["records"] / 2:
         out.append(f"{name}: more than half of the rows were dropped {report['dropped']}")
     if "tool_calls" in report and report["tool_calls"]["start_token_covered"] < 1:
-        out.append(f"{name}: the tool-call start token is masked in only {report['tool_calls']['start_token_covered']:.0%} "
-                   f"of tool-call examples; failures: {report['tool_calls']['failures'][:5]}")
+        calls = report["tool_calls"]
+        out.append(
+            f"{name}: the tool-call start token is masked in only {calls['start_token_covered']:.0%} "
+            f"of tool-call examples; failures: {calls['failures'][:5]}"
+        )
     if report["examples"] and report["completion_coverage"] < 0.5:
-        out.append(f"{name}: truncation kept only {report['completion_coverage']:.0%} of completion tokens; raise max_length")
+        coverage = report["completion_coverage"]
+        out.append(f"{name}: truncation kept only {coverage:.0%} of completion tokens; raise max_length")
     return out
 
 
@@ -132,11 +138,8 @@ def mask_report(
 
 
 def save_mask_report(report: Mapping[str, Any], path: str | Path) -> Path:
-    """Write the report as JSON (beside the run's other outputs)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return path
+    """Write the report as JSON (beside the run's other outputs), atomically."""
+    return write_text_atomic(path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
 
 
 def highlighted_example(segments: Sequence[Sequence[Any]]) -> Any:
@@ -175,15 +178,24 @@ def print_mask_report(report: Mapping[str, Any], console: Any = None) -> None:
         ("length mean / max", lambda s: f"{s['mean_length']:.0f} / {s['max_length']}"),
     ]
     if any("tool_calls" in s for s in report["sets"].values()):
-        rows.append(("tool-call start masked", lambda s: f"{s['tool_calls']['start_token_covered']:.0%} of {s['tool_calls']['examples']}"
-                     if "tool_calls" in s else "-"))
+        rows.append(
+            (
+                "tool-call start masked",
+                lambda s: (
+                    f"{s['tool_calls']['start_token_covered']:.0%} of {s['tool_calls']['examples']}"
+                    if "tool_calls" in s
+                    else "-"
+                ),
+            )
+        )
     for label, cell in rows:
         table.add_row(label, *(cell(s) for s in report["sets"].values()))
     console.print(table)
     for name, s in report["sets"].items():
         if "example" not in s:
             continue
-        console.print(Panel(highlighted_example(s["example"]["segments"]), title=f"{name}: first example (highlighted = loss tokens)", title_align="left"))
+        heading = f"{name}: first example (highlighted = loss tokens)"
+        console.print(Panel(highlighted_example(s["example"]["segments"]), title=heading, title_align="left"))
     for warning in report.get("warnings", []):
         console.print(Text(f"warning: {warning}", style="bold red"))
 
@@ -209,7 +221,9 @@ def inspect(
         tokenizer = load_tokenizer(tokenizer)
     unreadable: Counter = Counter()
     records = read_records(path, dropped=unreadable)
-    modes = {kind: (mask_mode.get(kind, "completion") if isinstance(mask_mode, Mapping) else mask_mode) for kind in KINDS}
+    modes = {
+        kind: (mask_mode.get(kind, "completion") if isinstance(mask_mode, Mapping) else mask_mode) for kind in KINDS
+    }
     for mode in modes.values():
         if mode not in MASK_MODES:
             raise DataError(f"unknown mask mode {mode!r}; choose one of {MASK_MODES}")
@@ -219,8 +233,15 @@ def inspect(
         if subset:
             results[kind] = render_all(tokenizer, subset, modes[kind], max_length, prompt_tokens)
     report = mask_report(
-        tokenizer, results, {k: modes[k] for k in results}, max_length,
-        extra={"file": str(path), "rows": len(records) + sum(unreadable.values()), "unreadable_rows": sum(unreadable.values())},
+        tokenizer,
+        results,
+        {k: modes[k] for k in results},
+        max_length,
+        extra={
+            "file": str(path),
+            "rows": len(records) + sum(unreadable.values()),
+            "unreadable_rows": sum(unreadable.values()),
+        },
     )
     if unreadable:
         report["warnings"].append(f"{path}: {sum(unreadable.values())} unreadable row(s) skipped")

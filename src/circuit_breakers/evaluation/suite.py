@@ -7,11 +7,12 @@ Python: `model_specs(["embedded", "cb=runs/x/train/merged"])`, `load_suite(["har
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from ..data.loaders import Prompt
+from ..data.prompts import Prompt
 from .benchmarks import BENCHMARKS, benchmark_source, is_harmful, load_benchmark
 from .judges import JUDGES
 

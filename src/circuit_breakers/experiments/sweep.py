@@ -4,7 +4,7 @@
     doc = run_sweep(grid, recipe="embedded", sweep_id="layers")   # runs/layers/<point>/ each a full run
     print(sweep_markdown(doc))
 
-Each grid point is a full main job (`pipeline.run_pipeline`) in `runs/<sweep_id>/<point>/`, with its own
+Each grid point is a full main job (`main_job.run_pipeline`) in `runs/<sweep_id>/<point>/`, with its own
 `recipe.yaml` (the recipe plus the point's settings). Points that share the data settings share the
 work that depends only on them: the data stage and the base model's evaluation cells are copied from an
 earlier point instead of being computed again. Re-running the same sweep reuses finished stages (the
@@ -14,19 +14,22 @@ main job's ledger), so an interrupted sweep is resumed by running it again.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import itertools
 import json
 import logging
 import re
 import shutil
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import yaml
 
-from ..config import ConfigError, unknown_key_error, load_recipe, parse_run_config, valid_keys
+from ..config import ConfigError, load_recipe, parse_run_config, unknown_key_error, valid_keys
+from ..fileio import digest as settings_digest
+from ..fileio import write_text_atomic
 from .main_job import Run, run_pipeline
 from .main_job import data_stage_key as pipeline_data_key
 
@@ -100,7 +103,8 @@ def _name_part(value: Any) -> str:
 
 
 def _short_hash(overrides: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(overrides, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    """Eight hex digits that tell apart points whose readable names are cut or collide."""
+    return settings_digest(overrides, length=8)
 
 
 def grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
@@ -130,10 +134,11 @@ def point_configs(recipe: str | Path, overrides: Mapping[str, Any], args: Sequen
     `recipe_file` (so the point can be re-run on its own), then the command-line `args` on top.
     The recipe loader checks every value, as it checks a hand-written recipe."""
     settings = {**load_recipe(recipe), **overrides}
-    recipe_file.parent.mkdir(parents=True, exist_ok=True)
-    header = (f"# sweep point: recipe {recipe} with {json.dumps(overrides, default=str)}\n"
-              f"# command-line overrides on top: {' '.join(args) or 'none'}\n")
-    recipe_file.write_text(header + yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")
+    header = (
+        f"# sweep point: recipe {recipe} with {json.dumps(overrides, default=str)}\n"
+        f"# command-line overrides on top: {' '.join(args) or 'none'}\n"
+    )
+    write_text_atomic(recipe_file, header + yaml.safe_dump(settings, sort_keys=False))
     return parse_run_config(list(args), recipe=recipe_file)
 
 
@@ -166,18 +171,18 @@ def share_data(source: Path, target: Path) -> None:
     theirs, ours = _ledger(source), _ledger(target)
     ledger = {name: {**theirs[name], "seconds": 0.0, "copied_from": source.name} for name in SHARED_STAGES}
     ledger.update({name: {**entry, "done": False} for name, entry in ours.items() if name not in SHARED_STAGES})
-    target.mkdir(parents=True, exist_ok=True)
-    tmp = target / "stages.json.tmp"
-    tmp.write_text(json.dumps(ledger, indent=2), encoding="utf-8")
-    tmp.replace(target / "stages.json")
+    write_text_atomic(target / "stages.json", json.dumps(ledger, indent=2))
 
 
 def _data_source(points: Sequence[Mapping[str, Any]], digest: str) -> Path | None:
     """The latest earlier point whose finished data stage has this key, preferring one with
     evaluation cells (it holds the most base-model cells). Its ledger must record the key this module
     computes for it: the guard against `data_stage_key` drifting from the pipeline's."""
-    matching = [Path(p["run_dir"]) for p in points
-                if p["data_digest"] == digest and _data_done(_ledger(Path(p["run_dir"])), digest)]
+    matching = [
+        Path(p["run_dir"])
+        for p in points
+        if p["data_digest"] == digest and _data_done(_ledger(Path(p["run_dir"])), digest)
+    ]
     with_cells = [root for root in matching if (root / "eval").is_dir()]
     return (with_cells or matching or [None])[-1]
 
@@ -224,10 +229,19 @@ def run_sweep(
         point["data_digest"] = Run.digest(data_stage_key(configs[-1]))
         point.update(status="pending", error=None, data_from=None, ran=[], seconds=None, metrics=None)
 
-    doc = {"sweep_id": sweep_id, "folder": str(root), "recipe": str(recipe), "overrides": overrides,
-           "grid": {k: list(v) for k, v in grid.items()}, "points": points}
+    doc = {
+        "sweep_id": sweep_id,
+        "folder": str(root),
+        "recipe": str(recipe),
+        "overrides": overrides,
+        "grid": {k: list(v) for k, v in grid.items()},
+        "points": points,
+    }
     for i, (point, (model_cfg, data_cfg, cb_cfg, run_cfg)) in enumerate(zip(points, configs)):
         point_root = Path(point["run_dir"])
+        # a data stage recorded under an older digest of the same settings is brought up to date, so the
+        # point keeps its own data instead of taking an earlier point's
+        Run(point_root).same("data", data_stage_key(configs[i]))
         before = _ledger(point_root)
         if not _data_done(before, point["data_digest"]):  # a finished point keeps its own data
             outside = [{"run_dir": str(data_from), "data_digest": point["data_digest"]}] if data_from else []
@@ -236,7 +250,7 @@ def run_sweep(
                 logger.info("sweep point %s: data and base-model cells from %s", point["name"], source.name)
                 share_data(source, point_root)
                 before = _ledger(point_root)
-        run_cfg.runs_dir, run_cfg.run_id = str(root), point["name"]
+        run_cfg = replace(run_cfg, runs_dir=str(root), run_id=point["name"])
         logger.info("sweep point %d/%d: %s", i + 1, len(points), point["name"])
         started = time.time()
         try:
@@ -286,12 +300,16 @@ def point_metrics(run_dir: str | Path) -> dict[str, Any]:
         reference = metrics.get("reference_model", models[0] if models else "")
         other = next((m for m in models if m != reference), reference)
         out["models"] = {"base": reference, "circuit_broken": other}
-        out["asr"] = {attack: {"base": _value(per.get(reference)), "circuit_broken": _value(per.get(other))}
-                      for attack, per in metrics.get("asr", {}).items()}
+        out["asr"] = {
+            attack: {"base": _value(per.get(reference)), "circuit_broken": _value(per.get(other))}
+            for attack, per in metrics.get("asr", {}).items()
+        }
         refusal = metrics.get("over_refusal", {})
         if refusal:
-            out["over_refusal"] = {"base": _value(refusal.get(reference, {}).get("refusal")),
-                                   "circuit_broken": _value(refusal.get(other, {}).get("refusal"))}
+            out["over_refusal"] = {
+                "base": _value(refusal.get(reference, {}).get("refusal")),
+                "circuit_broken": _value(refusal.get(other, {}).get("refusal")),
+            }
         out["capability_change"] = _value(metrics.get("capability_change", {}).get(other))
         out["eval_errors"] = [f"{e.get('model')} / {e.get('cell')}: {e.get('error')}" for e in doc.get("errors") or []]
     summary = training_summary(run_dir) or {}
@@ -322,8 +340,10 @@ def sweep_rows(doc: Mapping[str, Any]) -> tuple[list[str], list[list[str]], list
     attacks = list(dict.fromkeys(a for p in points for a in ((p.get("metrics") or {}).get("asr") or {})))
     base_cols: list[tuple[str, Any]] = []
     notes = []
-    picks = [*((f"ASR {a}", lambda m, a=a: ((m.get("asr") or {}).get(a) or {}).get("base")) for a in attacks),
-             ("over-refusal", lambda m: (m.get("over_refusal") or {}).get("base"))]
+    picks = [
+        *((f"ASR {a}", lambda m, a=a: ((m.get("asr") or {}).get(a) or {}).get("base")) for a in attacks),
+        ("over-refusal", lambda m: (m.get("over_refusal") or {}).get("base")),
+    ]
     for label, pick in picks:
         same, value = _uniform(points, pick)
         if same:
@@ -331,8 +351,16 @@ def sweep_rows(doc: Mapping[str, Any]) -> tuple[list[str], list[list[str]], list
         else:
             base_cols.append((f"base {label}", pick))
     notes = [f"base model (every point): {', '.join(notes)}"] if notes else []
-    header = [*keys, *(f"ASR {a}" for a in attacks), *(c for c, _ in base_cols), "over-refusal",
-              "benign loss Δ", "cos reroute end", "train s", "status"]
+    header = [
+        *keys,
+        *(f"ASR {a}" for a in attacks),
+        *(c for c, _ in base_cols),
+        "over-refusal",
+        "benign loss Δ",
+        "cos reroute end",
+        "train s",
+        "status",
+    ]
     rows = []
     for point in points:
         m = point.get("metrics") or {}
@@ -341,17 +369,23 @@ def sweep_rows(doc: Mapping[str, Any]) -> tuple[list[str], list[list[str]], list
         status = point["status"] if not point.get("error") else f"failed: {point['error']}"
         if m.get("eval_errors"):
             status = f"{status} ({len(m['eval_errors'])} eval cells failed)"
-        rows.append([
-            *(json.dumps(point["overrides"][k], default=str) if not isinstance(point["overrides"][k], str)
-              else point["overrides"][k] for k in keys),
-            *(_pct((asr.get(a) or {}).get("circuit_broken")) for a in attacks),
-            *(_pct(pick(m)) if m else "-" for _, pick in base_cols),
-            _pct((m.get("over_refusal") or {}).get("circuit_broken")),
-            "-" if change is None else f"{signed(100 * change, 1)}%",
-            "-" if cos is None else f"{cos:.3f}",
-            "-" if seconds is None else f"{seconds:.0f}",
-            status,
-        ])
+        rows.append(
+            [
+                *(
+                    json.dumps(point["overrides"][k], default=str)
+                    if not isinstance(point["overrides"][k], str)
+                    else point["overrides"][k]
+                    for k in keys
+                ),
+                *(_pct((asr.get(a) or {}).get("circuit_broken")) for a in attacks),
+                *(_pct(pick(m)) if m else "-" for _, pick in base_cols),
+                _pct((m.get("over_refusal") or {}).get("circuit_broken")),
+                "-" if change is None else f"{signed(100 * change, 1)}%",
+                "-" if cos is None else f"{cos:.3f}",
+                "-" if seconds is None else f"{seconds:.0f}",
+                status,
+            ]
+        )
     return header, rows, notes
 
 
@@ -360,8 +394,9 @@ def sweep_table(doc: Mapping[str, Any]) -> Any:
     from rich.table import Table
 
     header, rows, notes = sweep_rows(doc)
-    table = Table(title=f"sweep {doc['sweep_id']} (ASR, over-refusal: circuit-broken model)",
-                  caption="\n".join(notes) or None)
+    table = Table(
+        title=f"sweep {doc['sweep_id']} (ASR, over-refusal: circuit-broken model)", caption="\n".join(notes) or None
+    )
     for column in header:
         table.add_column(column, overflow="fold")
     for row in rows:
@@ -376,9 +411,14 @@ def sweep_markdown(doc: Mapping[str, Any]) -> str:
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
-    out = [f"# sweep {doc['sweep_id']}", "", f"recipe `{doc['recipe']}`"
-           + (f", overrides `{' '.join(doc['overrides'])}`" if doc["overrides"] else "")
-           + "; ASR and over-refusal of the circuit-broken model.", ""]
+    out = [
+        f"# sweep {doc['sweep_id']}",
+        "",
+        f"recipe `{doc['recipe']}`"
+        + (f", overrides `{' '.join(doc['overrides'])}`" if doc["overrides"] else "")
+        + "; ASR and over-refusal of the circuit-broken model.",
+        "",
+    ]
     out += [*notes, ""] if notes else []
     out += [line(header), line(["---"] * len(header)), *(line(r) for r in rows)]
     return "\n".join(out) + "\n"
@@ -390,10 +430,8 @@ def write_sweep(doc: Mapping[str, Any], root: str | Path) -> None:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     stamped = {**doc, "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    tmp = root / (SWEEP_FILE + ".tmp")
-    tmp.write_text(json.dumps(stamped, indent=1, default=str), encoding="utf-8")
-    tmp.replace(root / SWEEP_FILE)
-    (root / TABLE_FILE).write_text(sweep_markdown(doc), encoding="utf-8")
+    write_text_atomic(root / SWEEP_FILE, json.dumps(stamped, indent=1, default=str))
+    write_text_atomic(root / TABLE_FILE, sweep_markdown(doc))
 
 
 def print_sweep(doc: Mapping[str, Any]) -> None:

@@ -7,8 +7,9 @@ The monitor fires when the mean token probability over the last `window` tokens 
 threshold, so a completion's score is the largest such window mean (the mean of all its tokens when
 it is shorter). A single token is a noisy witness: with the largest token probability instead, one
 benign token that resembles harmful text halts a benign answer (a third to a half of held-out benign
-answers on the embedded model in small trials; docs/probes.md). The threshold is calibrated on benign completions so that at most
-`target_fpr` of them would be halted. A probe is saved as `probe.safetensors` (weights) + `probe.json` (layer, threshold, ...).
+answers on the embedded model in small trials; docs/probes.md). The threshold is calibrated on benign
+completions so that at most `target_fpr` of them would be halted. A probe is saved as `probe.safetensors`
+(weights) + `probe.json` (layer, threshold, ...).
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ from ..representations import hidden_states
 
 PROBE_WEIGHTS = "probe.safetensors"
 PROBE_CONFIG = "probe.json"
+PROBE_REPORT = "probe_report.json"
+PROBE_FOLDER = "probe"
+"""Where a probe lives beside its model (MODEL_DIR/probe): `serve --probe auto` looks there."""
 
 
 @dataclass
@@ -121,8 +125,9 @@ def token_features(
         model.train(was_training)
 
 
-def _standardisation(model: nn.Module, examples: Sequence[Example], layer: int, batch_size: int,
-                     pad_token_id: int) -> tuple[Tensor, Tensor]:
+def _standardisation(
+    model: nn.Module, examples: Sequence[Example], layer: int, batch_size: int, pad_token_id: int
+) -> tuple[Tensor, Tensor]:
     """Per-dimension mean and std over every completion token (streamed sums, float64)."""
     total, total_sq, n = None, None, 0
     for _, feats, _ in token_features(model, examples, layer, batch_size, pad_token_id):
@@ -203,8 +208,9 @@ def window_score(probs: Sequence[float], window: int) -> float:
 
 
 @torch.no_grad()
-def example_scores(model: nn.Module, probe: Probe, examples: Sequence[Example], batch_size: int = 8,
-                   pad_token_id: int = 0) -> list[float]:
+def example_scores(
+    model: nn.Module, probe: Probe, examples: Sequence[Example], batch_size: int = 8, pad_token_id: int = 0
+) -> list[float]:
     """Each example's largest window-mean probability: what the monitor compares with the threshold."""
     probs: list[list[float]] = [[] for _ in examples]
     for _, feats, rows in token_features(model, examples, probe.settings.layer, batch_size, pad_token_id):
@@ -226,7 +232,9 @@ def calibrate(probe: Probe, benign_scores: Sequence[float], target_fpr: float = 
     return float(threshold)
 
 
-def detection_rates(harmful_scores: Sequence[float], benign_scores: Sequence[float], threshold: float) -> dict[str, float]:
+def detection_rates(
+    harmful_scores: Sequence[float], benign_scores: Sequence[float], threshold: float
+) -> dict[str, float]:
     """Recall on harmful and false-positive rate on benign examples: a score fires when above the threshold."""
     return {
         "recall": sum(s > threshold for s in harmful_scores) / max(len(harmful_scores), 1),
@@ -264,14 +272,15 @@ class ProbeMonitor(StoppingCriteria):
         self._last = states[:, -1, :].detach()
 
     @contextmanager
-    def attached(self) -> Iterator["ProbeMonitor"]:
+    def attached(self) -> Iterator[ProbeMonitor]:
         """Hook the model for one `generate` call (removed afterwards, even on error)."""
         blocks = find_decoder_layers(self.model)
         if self.layer == 0:
             handle = blocks[0].register_forward_pre_hook(lambda m, a, k: self._hook(m, a, k), with_kwargs=True)
         else:
-            handle = blocks[self.layer - 1].register_forward_hook(lambda m, a, k, o: self._hook(m, a, k, o),
-                                                                  with_kwargs=True)
+            handle = blocks[self.layer - 1].register_forward_hook(
+                lambda m, a, k, o: self._hook(m, a, k, o), with_kwargs=True
+            )
         self._last, self._calls, self._history, self.fired, self.scores = None, 0, [], None, None
         try:
             yield self
@@ -286,7 +295,7 @@ class ProbeMonitor(StoppingCriteria):
         self._calls += 1
         if self._calls > 1 and self._last is not None:
             prob = self.probe.probability(self._last.to(self.probe.mean.device)).to(input_ids.device)
-            self._history = [*self._history[-(self.window - 1):], prob] if self.window > 1 else [prob]
+            self._history = [*self._history[-(self.window - 1) :], prob] if self.window > 1 else [prob]
             if len(self._history) == self.window:
                 mean = torch.stack(self._history).mean(dim=0)
                 self.scores = torch.maximum(self.scores, mean)
@@ -340,14 +349,70 @@ def fit_probe(
     if not (h_train and h_test and b_train and b_calib and b_test):
         raise ValueError("too few records for train / calibration / test parts (need several of each kind)")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    probe = train_probe(model, h_train, b_train, layer, kind, epochs, lr, batch_size, window=window, pad_token_id=pad,
-                        seed=seed)
+    probe = train_probe(
+        model, h_train, b_train, layer, kind, epochs, lr, batch_size, window=window, pad_token_id=pad, seed=seed
+    )
     threshold = calibrate(probe, example_scores(model, probe, b_calib, batch_size, pad), target_fpr)
     report = {
-        "layer": layer, "kind": kind, "window": window, "target_fpr": target_fpr, "threshold": threshold,
-        "counts": {"harmful_train": len(h_train), "harmful_test": len(h_test), "benign_train": len(b_train),
-                   "benign_calibration": len(b_calib), "benign_test": len(b_test)},
-        "test": detection_rates(example_scores(model, probe, h_test, batch_size, pad),
-                                example_scores(model, probe, b_test, batch_size, pad), threshold),
+        "layer": layer,
+        "kind": kind,
+        "window": window,
+        "target_fpr": target_fpr,
+        "threshold": threshold,
+        "counts": {
+            "harmful_train": len(h_train),
+            "harmful_test": len(h_test),
+            "benign_train": len(b_train),
+            "benign_calibration": len(b_calib),
+            "benign_test": len(b_test),
+        },
+        "test": detection_rates(
+            example_scores(model, probe, h_test, batch_size, pad),
+            example_scores(model, probe, b_test, batch_size, pad),
+            threshold,
+        ),
     }
     return probe, report
+
+
+def train_probe_for_model(
+    model_name: str,
+    harmful: Sequence[Any],
+    benign: Sequence[Any],
+    out_dir: str | Path,
+    layer: int | None = None,
+    kind: str = "linear",
+    target_fpr: float = 0.05,
+    epochs: int = 8,
+    lr: float = 3e-3,
+    batch_size: int = 8,
+    max_length: int = 512,
+    seed: int = 0,
+    window: int = 8,
+) -> tuple[Path, dict[str, Any]]:
+    """`fit_probe` on a model loaded by name (float32; `layer` None: the middle of the model), then the
+    probe saved in `out_dir` with `probe_report.json` (the model's name and the held-out report), so a
+    probe folder says what it reads and how well it did. Returns (the folder, the report)."""
+    from ..models import load_model_and_tokenizer, num_layers
+
+    model, tokenizer = load_model_and_tokenizer(model_name, "float32")
+    layer = layer if layer is not None else num_layers(model) // 2
+    probe, report = fit_probe(
+        model, tokenizer, harmful, benign, layer, kind, target_fpr, epochs, lr, batch_size, max_length, seed, window
+    )
+    out = probe.save(out_dir)
+    (out / PROBE_REPORT).write_text(json.dumps({"model": model_name, **report}, indent=2))
+    return out, report
+
+
+def find_probe(model_name: str, probe: str = "auto") -> str | None:
+    """The probe folder to guard `model_name` with: `none` is no guard; `auto` is the probe saved beside a
+    local model (MODEL_DIR/probe), if there is one; anything else is a probe folder."""
+    from ..models import resolve_model_path
+
+    if probe == "none":
+        return None
+    if probe != "auto":
+        return probe
+    beside = Path(resolve_model_path(model_name)) / PROBE_FOLDER
+    return str(beside) if (beside / PROBE_CONFIG).is_file() else None

@@ -12,18 +12,22 @@ the probe judges each token as it is produced) and a last chunk carries the refu
 # annotation, which must be the class itself (defined inside `create_app`), not a string.
 
 import threading
-from contextlib import nullcontext
 import time
 import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import (
-    GenerationConfig, MaxTimeCriteria, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer,
+    GenerationConfig,
+    MaxTimeCriteria,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
 )
 
-from ..evaluation.generation import render_prompts, stop_token_ids
+from ..generation import render_prompts, stop_token_ids
 from .probes import Probe, ProbeMonitor, probe_device
 
 DEFAULT_REFUSAL = "I can't help with that."
@@ -42,24 +46,38 @@ class Completion:
 class GuardedGenerator:
     """Chat completions from one transformers model, optionally watched by a probe."""
 
-    def __init__(self, model: Any, tokenizer: Any, probe: Probe | None = None, refusal: str = DEFAULT_REFUSAL,
-                 max_time: float = 60.0, max_new_tokens: int = 512) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        probe: Probe | None = None,
+        refusal: str = DEFAULT_REFUSAL,
+        max_time: float = 60.0,
+        max_new_tokens: int = 512,
+    ) -> None:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.probe = probe_device(probe, model) if probe is not None else None
         self.refusal, self.max_time, self.max_new_tokens = refusal, max_time, max_new_tokens
         self.lock = threading.Lock()
         self.stop_ids = stop_token_ids(model, tokenizer)
 
-    def _prepare(self, messages: list[dict[str, Any]], max_tokens: int | None, temperature: float
-                 ) -> tuple[dict[str, torch.Tensor], GenerationConfig, ProbeMonitor | None, StoppingCriteriaList]:
+    def _prepare(
+        self, messages: list[dict[str, Any]], max_tokens: int | None, temperature: float
+    ) -> tuple[dict[str, torch.Tensor], GenerationConfig, ProbeMonitor | None, StoppingCriteriaList]:
         text = render_prompts(self.tokenizer, [messages])[0]
         device = next(self.model.parameters()).device
         inputs = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").to(device)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
         sample = temperature > 0
-        config = GenerationConfig(max_new_tokens=min(max_tokens or self.max_new_tokens, self.max_new_tokens),
-                                  do_sample=sample, temperature=temperature if sample else None, top_p=None,
-                                  top_k=None, pad_token_id=pad, eos_token_id=self.stop_ids)
+        config = GenerationConfig(
+            max_new_tokens=min(max_tokens or self.max_new_tokens, self.max_new_tokens),
+            do_sample=sample,
+            temperature=temperature if sample else None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=pad,
+            eos_token_id=self.stop_ids,
+        )
         monitor = ProbeMonitor(self.model, self.probe) if self.probe is not None else None
         criteria = StoppingCriteriaList([MaxTimeCriteria(self.max_time), *([monitor] if monitor else [])])
         return dict(inputs), config, monitor, criteria
@@ -70,18 +88,21 @@ class GuardedGenerator:
         ended = len(new_ids) > 0 and int(new_ids[-1]) in self.stop_ids
         return "stop" if ended else "length"  # out of tokens or of time (max_time)
 
-    def complete(self, messages: list[dict[str, Any]], max_tokens: int | None = None, temperature: float = 0.0) -> Completion:
+    def complete(
+        self, messages: list[dict[str, Any]], max_tokens: int | None = None, temperature: float = 0.0
+    ) -> Completion:
         inputs, config, monitor, criteria = self._prepare(messages, max_tokens, temperature)
-        with self.lock, torch.no_grad(), (monitor.attached() if monitor is not None else nullcontext()):
+        with self.lock, torch.no_grad(), monitor.attached() if monitor is not None else nullcontext():
             out = self.model.generate(**inputs, generation_config=config, stopping_criteria=criteria)
-        new = out[0, inputs["input_ids"].shape[1]:]  # one row: no padding after it stopped
+        new = out[0, inputs["input_ids"].shape[1] :]  # one row: no padding after it stopped
         reason = self._finish(new, config, monitor)
         text = self.refusal if reason == "content_filter" else self.tokenizer.decode(new, skip_special_tokens=True)
         score = float(monitor.scores[0]) if monitor is not None and monitor.scores is not None else None
         return Completion(text, reason, int(inputs["input_ids"].shape[1]), int(len(new)), score)
 
-    def start_stream(self, messages: list[dict[str, Any]], max_tokens: int | None = None, temperature: float = 0.0
-                     ) -> "StreamHandle":
+    def start_stream(
+        self, messages: list[dict[str, Any]], max_tokens: int | None = None, temperature: float = 0.0
+    ) -> "StreamHandle":
         """Start a generation in a worker thread that holds the model's lock while it runs; read text
         pieces from the handle as they come. `cancel()` (a client that went away) stops it at the next
         token, so the lock is never held for a reader that is gone."""
@@ -95,10 +116,11 @@ class GuardedGenerator:
                 try:
                     if handle.cancelled.is_set():
                         return
-                    with torch.no_grad(), (monitor.attached() if monitor is not None else nullcontext()):
-                        out = self.model.generate(**inputs, generation_config=config, stopping_criteria=criteria,
-                                                  streamer=streamer)
-                    new = out[0, inputs["input_ids"].shape[1]:]
+                    with torch.no_grad(), monitor.attached() if monitor is not None else nullcontext():
+                        out = self.model.generate(
+                            **inputs, generation_config=config, stopping_criteria=criteria, streamer=streamer
+                        )
+                    new = out[0, inputs["input_ids"].shape[1] :]
                     handle.reason = self._finish(new, config, monitor)
                     handle.final = self.refusal if handle.reason == "content_filter" else ""
                 except BaseException as err:  # noqa: BLE001 - handed to the reader
@@ -183,15 +205,28 @@ def create_app(generator: GuardedGenerator, model_name: str, max_queue: int = 8)
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if not request.stream:
             try:
-                done = await anyio.to_thread.run_sync(generator.complete, messages, request.max_tokens, request.temperature)
+                done = await anyio.to_thread.run_sync(
+                    generator.complete, messages, request.max_tokens, request.temperature
+                )
             finally:
                 slots.release()
             return {
-                "id": ident, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
-                             "finish_reason": done.finish_reason}],
-                "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-                          "total_tokens": done.prompt_tokens + done.completion_tokens},
+                "id": ident,
+                "object": "chat.completion",
+                "created": created,
+                "model": model_name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": done.text},
+                        "finish_reason": done.finish_reason,
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": done.prompt_tokens,
+                    "completion_tokens": done.completion_tokens,
+                    "total_tokens": done.prompt_tokens + done.completion_tokens,
+                },
             }
 
         async def events() -> Any:
@@ -217,14 +252,32 @@ def create_app(generator: GuardedGenerator, model_name: str, max_queue: int = 8)
 
 
 def _chunk(ident: str, created: int, model: str, delta: dict[str, Any], reason: str | None, json: Any) -> str:
-    body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
+    body = {
+        "id": ident,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": reason}],
+    }
     return f"data: {json.dumps(body)}\n\n"
 
 
-def run_server(generator: GuardedGenerator, model_name: str, host: str = "127.0.0.1", port: int = 8000,
-               max_queue: int = 8) -> None:
+def run_server(
+    generator: GuardedGenerator, model_name: str, host: str = "127.0.0.1", port: int = 8000, max_queue: int = 8
+) -> None:
     """Serve until interrupted (uvicorn)."""
     import uvicorn
 
     uvicorn.run(create_app(generator, model_name, max_queue), host=host, port=port, log_level="info")
+
+
+def load_served_model(model_name: str, adapter: str | None = None, dtype: str = "auto") -> tuple[Any, Any]:
+    """(model, tokenizer) to serve: a base or merged model by name, with a LoRA `adapter` folder on top if given."""
+    from ..models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(model_name, dtype)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    return model, tokenizer

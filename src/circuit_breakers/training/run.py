@@ -8,37 +8,36 @@ import errno
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-import torch
 from jinja2 import TemplateError
-from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase, TrainingArguments, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..adapters import add_lora, export_merged, load_trainable_adapter, write_model_card
 from ..config import CircuitBreakerConfig, ConfigError, DataConfig, ModelConfig
 from ..data.batching import PairedCollator, PairedDataset
 from ..data.records import DataError, Record, iter_jsonl, read_records
-from ..data.report import mask_report, print_mask_report, save_mask_report
 from ..data.render import DropRow, RenderResult, render, render_all
+from ..data.report import mask_report, print_mask_report, save_mask_report
+from ..fileio import STAGING_PREFIX, replace_dir, write_jsonl_atomic, write_text_atomic
 from ..models import (
     ModelError,
     default_target_layers,
-    export_merged,
     find_decoder_layers,
     load_model_and_tokenizer,
     num_layers,
     truncate_layers,
     validate_layers,
-    write_model_card,
 )
-from .trainer import STAGING_PREFIX, CheckpointError, CircuitBreakerTrainer, resolve_retain_layers
+from .base import CheckpointError, last_checkpoint
+from .trainer import CircuitBreakerTrainer, resolve_retain_layers
 
 logger = logging.getLogger("circuit_breakers")
 
@@ -54,7 +53,9 @@ class TrainResult:
     log_history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def layer_plan(n_layers: int, cb_cfg: CircuitBreakerConfig, model_cfg: ModelConfig) -> tuple[list[int], list[int], list[int]]:
+def layer_plan(
+    n_layers: int, cb_cfg: CircuitBreakerConfig, model_cfg: ModelConfig
+) -> tuple[list[int], list[int], list[int]]:
     """(target layers, retain layers, LoRA blocks), validated against the model's depth.
 
     LoRA goes on blocks 0..max(target)-1: exactly the blocks that produce hidden_states[max(target)].
@@ -62,8 +63,10 @@ def layer_plan(n_layers: int, cb_cfg: CircuitBreakerConfig, model_cfg: ModelConf
     target = validate_layers(cb_cfg.target_layers or default_target_layers(n_layers), n_layers)
     retain = validate_layers(resolve_retain_layers(cb_cfg.retain_layers, target), n_layers, "retain_layers")
     if cb_cfg.truncate_layers and max(retain) > max(target):
-        raise ModelError(f"retain_layers {[i for i in retain if i > max(target)]} lie above the deepest target layer "
-                         f"({max(target)}), which training cuts the model at: set truncate_layers: false to keep them")
+        raise ModelError(
+            f"retain_layers {[i for i in retain if i > max(target)]} lie above the deepest target layer "
+            f"({max(target)}), which training cuts the model at: set truncate_layers: false to keep them"
+        )
     blocks = model_cfg.layers_to_transform
     if blocks is None:
         blocks = list(range(max(target)))
@@ -73,62 +76,14 @@ def layer_plan(n_layers: int, cb_cfg: CircuitBreakerConfig, model_cfg: ModelConf
     return target, retain, sorted(set(blocks))
 
 
-def block_linear_names(model: PreTrainedModel) -> list[str]:
-    """Names of the linear projections inside decoder blocks (peft's `all-linear` cannot be combined
-    with `layers_to_transform`, so we resolve it ourselves; the LM head is never included)."""
-    from transformers.pytorch_utils import Conv1D
-
-    names = set()
-    for block in find_decoder_layers(model):
-        for name, module in block.named_modules():
-            if isinstance(module, (torch.nn.Linear, Conv1D)):
-                names.add(name.rsplit(".", 1)[-1])
-    return sorted(names)
-
-
-def add_lora(model: PreTrainedModel, model_cfg: ModelConfig, blocks: Sequence[int]) -> PeftModel:
-    """Wrap `model` with LoRA on attention and MLP projections of `blocks`; optional random lora_B."""
-    modules = model_cfg.lora_target_modules
-    config = LoraConfig(
-        r=model_cfg.lora_r,
-        lora_alpha=model_cfg.lora_alpha,
-        lora_dropout=model_cfg.lora_dropout,
-        target_modules=block_linear_names(model) if modules == "all-linear" else [m.strip() for m in modules.split(",")],
-        layers_to_transform=list(blocks),
-        task_type="CAUSAL_LM",
-    )
-    peft_model = get_peft_model(model, config)
-    peft_model.peft_config["default"].base_model_name_or_path = model_cfg.model_name_or_path
-    if model_cfg.lora_init == "random":
-        # Symmetry breaking (issue 10): with lora_B = 0 the adapted states equal the frozen ones, where
-        # the cosine's gradient is zero; a small random lora_B starts the model slightly off that point.
-        with torch.no_grad():
-            for name, param in peft_model.named_parameters():
-                if "lora_B" in name:
-                    param.normal_(0.0, model_cfg.lora_init_scale)
-    return peft_model
-
-
-def load_trainable_adapter(model: PreTrainedModel, path: str, kept_blocks: int) -> tuple[PeftModel, list[int]]:
-    """An existing adapter, trainable, on the (possibly truncated) model: continual training starts from
-    its weights. Its LoRA blocks must all exist in the kept blocks, or part of it would be silently lost."""
-    from peft import PeftConfig, PeftModel
-
-    config = PeftConfig.from_pretrained(path)
-    layers = config.layers_to_transform
-    blocks = sorted(layers) if isinstance(layers, list) else [layers] if isinstance(layers, int) else list(range(kept_blocks))
-    if blocks and max(blocks) >= kept_blocks:
-        raise ValueError(f"init_adapter {path} has LoRA on block {max(blocks)}, but training keeps blocks 0..{kept_blocks - 1}"
-                         " (the deepest target layer): choose target layers at least as deep as the adapter's run")
-    return PeftModel.from_pretrained(model, path, is_trainable=True), blocks
-
-
 def setup_model(
     model_cfg: ModelConfig, cb_cfg: CircuitBreakerConfig
 ) -> tuple[PeftModel, PreTrainedTokenizerBase, dict[str, Any]]:
     """Load, plan layers, truncate above the deepest target, add LoRA. Returns model, tokenizer, plan."""
     set_seed(cb_cfg.seed)
-    model, tokenizer = load_model_and_tokenizer(model_cfg.model_name_or_path, model_cfg.dtype, model_cfg.trust_remote_code)
+    model, tokenizer = load_model_and_tokenizer(
+        model_cfg.model_name_or_path, model_cfg.dtype, model_cfg.trust_remote_code
+    )
     n = num_layers(model)
     target, retain, blocks = layer_plan(n, cb_cfg, model_cfg)
     if cb_cfg.truncate_layers:
@@ -141,21 +96,14 @@ def setup_model(
         peft_model, blocks = load_trainable_adapter(model, model_cfg.init_adapter, len(find_decoder_layers(model)))
     else:
         peft_model = add_lora(model, model_cfg, blocks)
-    plan = {"num_layers": n, "target_layers": target, "retain_layers": retain, "lora_blocks": blocks,
-            "trained_layers": max(target) if cb_cfg.truncate_layers else n}
+    plan = {
+        "num_layers": n,
+        "target_layers": target,
+        "retain_layers": retain,
+        "lora_blocks": blocks,
+        "trained_layers": max(target) if cb_cfg.truncate_layers else n,
+    }
     return peft_model, tokenizer, plan
-
-
-def render_sets(
-    tokenizer: PreTrainedTokenizerBase,
-    data_cfg: DataConfig,
-    cb_records: Sequence[Record],
-    retain_records: Sequence[Record],
-) -> tuple[PairedDataset, dict[str, RenderResult]]:
-    """Render both sets with their mask modes and pair them."""
-    cb = render_all(tokenizer, cb_records, data_cfg.cb_mask_mode, data_cfg.max_length, data_cfg.mask_prompt_tokens)
-    retain = render_all(tokenizer, retain_records, data_cfg.retain_mask_mode, data_cfg.max_length, data_cfg.mask_prompt_tokens)
-    return PairedDataset(cb.examples, retain.examples, data_cfg.retain_per_cb), {"circuit_breaker": cb, "retain": retain}
 
 
 def load_sets(data_cfg: DataConfig) -> tuple[list[Record], list[Record]]:
@@ -224,12 +172,32 @@ RUN_FILE = "training_run.json"
 mixed into (or resumed from) this folder."""
 _RUN_ARTIFACTS = ("adapter", "merged", "summary.json", "train_log.jsonl", "mask_report.json", RUN_FILE)
 _TRAJECTORY_KEYS = (
-    "learning_rate", "max_steps", "num_train_epochs", "seed", "data_seed", "optim", "weight_decay", "adam_beta1",
-    "adam_beta2", "adam_epsilon", "max_grad_norm", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "bf16",
-    "fp16", "train_sampling_strategy",
+    "learning_rate",
+    "max_steps",
+    "num_train_epochs",
+    "seed",
+    "data_seed",
+    "optim",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "max_grad_norm",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "warmup_ratio",
+    "bf16",
+    "fp16",
+    "train_sampling_strategy",
 )
-_OPERATIONAL_KEYS = ("overwrite_output_dir", "merge", "stall_check_steps", "stall_margin", "output_dir",
-                     "max_chunk_tokens")  # chunks change memory, not the gradient: a run may resume with others
+_OPERATIONAL_KEYS = (
+    "overwrite_output_dir",
+    "merge",
+    "stall_check_steps",
+    "stall_margin",
+    "output_dir",
+    "max_chunk_tokens",
+)  # chunks change memory, not the gradient: a run may resume with others
 
 
 def _plain(value: Any) -> Any:
@@ -237,6 +205,8 @@ def _plain(value: Any) -> Any:
 
 
 def _digest(records: Sequence[Record]) -> str:
+    """Short hash of the records' content. Not `fileio.digest`: that hashes other bytes, and every run folder
+    written so far records this one in training_run.json (a new value would make each look like another run)."""
     h = hashlib.sha256()
     for record in records:
         h.update(json.dumps(record.to_dict(), sort_keys=True, default=str).encode())
@@ -244,8 +214,11 @@ def _digest(records: Sequence[Record]) -> str:
 
 
 def run_identity(
-    model_cfg: ModelConfig, data_cfg: DataConfig, cb_cfg: CircuitBreakerConfig,
-    cb_records: Sequence[Record], retain_records: Sequence[Record],
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig,
+    cb_cfg: CircuitBreakerConfig,
+    cb_records: Sequence[Record],
+    retain_records: Sequence[Record],
 ) -> dict[str, Any]:
     """Everything that changes the trained weights: model and LoRA settings, data settings and the
     data's content, the optimiser and schedule, the global batch. Paths, logging and saving do not."""
@@ -274,8 +247,10 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
 
 def _field_defaults() -> dict[str, dict[str, Any]]:
     """The default of every field, per identity section (to recognise a setting added after a run)."""
+
     def defaults(cls: type) -> dict[str, Any]:
         return {f.name: _plain(f.default) for f in fields(cls) if f.default is not dataclasses.MISSING}
+
     return {"model": defaults(ModelConfig), "data": defaults(DataConfig), "train": defaults(CircuitBreakerConfig)}
 
 
@@ -330,35 +305,12 @@ def claim_output_dir(out: Path, identity: dict[str, Any], clear: bool) -> None:
             if path.name.startswith((f"{PREFIX_CHECKPOINT_DIR}-", STAGING_PREFIX)) or path.name in _RUN_ARTIFACTS:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         logger.warning("overwrite_output_dir: replaced the earlier run in %s", out)
-    write_atomic(out / RUN_FILE, json.dumps(identity, indent=2))
+    write_text_atomic(out / RUN_FILE, json.dumps(identity, indent=2))
 
 
-# --- writing: atomic files and folders ---------------------------------------------------------------
-def write_atomic(path: Path, text: str) -> None:
-    """Write a text file under a temporary name and rename it into place (never half-written)."""
-    fd, tmp = tempfile.mkstemp(prefix=f"{STAGING_PREFIX}{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _replace_dir(staging: Path, final: Path) -> None:
-    if final.exists():
-        old = final.with_name(f"{STAGING_PREFIX}old-{final.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, final)
-
-
-def export_adapter(trainer: CircuitBreakerTrainer, model: PeftModel, adapter_dir: Path, card: dict[str, Any],
-                   base_model: str) -> None:
+def export_adapter(
+    trainer: CircuitBreakerTrainer, model: PeftModel, adapter_dir: Path, card: dict[str, Any], base_model: str
+) -> None:
     """Gather the (possibly sharded) LoRA weights on every process, write them on the main one.
 
     The state dict comes from accelerate, which all-gathers FSDP shards and consolidates ZeRO-3
@@ -375,10 +327,10 @@ def export_adapter(trainer: CircuitBreakerTrainer, model: PeftModel, adapter_dir
         model.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
         write_model_card(staging, base_model, card)
         _check_adapter(staging)
-        _replace_dir(staging, adapter_dir)
+        replace_dir(staging, adapter_dir)
     except OSError as err:
         shutil.rmtree(staging, ignore_errors=True)
-        last = get_last_checkpoint(str(adapter_dir.parent))
+        last = last_checkpoint(adapter_dir.parent)
         reason = f"disk full ({err.filename or adapter_dir})" if err.errno == errno.ENOSPC else str(err)
         raise CheckpointError(
             f"could not write {adapter_dir}: {reason}; the last checkpoint {last or '(none)'} is intact. "
@@ -435,8 +387,12 @@ def train(
         if main:
             claim_output_dir(out, identity, clear)
     if main:
-        masks = mask_report(tokenizer, rendered, {"circuit_breaker": data_cfg.cb_mask_mode,
-                                                  "retain": data_cfg.retain_mask_mode}, data_cfg.max_length)
+        masks = mask_report(
+            tokenizer,
+            rendered,
+            {"circuit_breaker": data_cfg.cb_mask_mode, "retain": data_cfg.retain_mask_mode},
+            data_cfg.max_length,
+        )
         save_mask_report(masks, out / "mask_report.json")
         print_mask_report(masks)
 
@@ -467,26 +423,35 @@ def train(
         "steps": trainer.state.global_step,
         "learning rate": cb_cfg.learning_rate,
         "data": f"{data_cfg.cb_data or 'in-memory'} ({len(rendered['circuit_breaker'].examples)} rerouting), "
-                f"{data_cfg.retain_data or 'in-memory'} ({len(rendered['retain'].examples)} retain)",
+        f"{data_cfg.retain_data or 'in-memory'} ({len(rendered['retain'].examples)} retain)",
     }
     export_adapter(trainer, model, adapter_dir, card, model_cfg.model_name_or_path)  # every process: gathers
-    summary = {**plan, **trainer.rerouting_summary(), "steps": trainer.state.global_step,
-               "examples": {name: len(r.examples) for name, r in rendered.items()},
-               "distributed": trainer.engine()}
+    summary = {
+        **plan,
+        **trainer.rerouting_summary(),
+        "steps": trainer.state.global_step,
+        "examples": {name: len(r.examples) for name, r in rendered.items()},
+        "distributed": trainer.engine(),
+    }
     merged_dir = None
     try:
         if trainer.is_world_process_zero():
             try:
                 if cb_cfg.merge:
-                    merged_dir = export_merged(adapter_dir, model_cfg.model_name_or_path, out / "merged",
-                                               model_cfg.dtype, model_cfg.trust_remote_code)
-                write_atomic(out / "summary.json", json.dumps(summary, indent=2, default=str))
-                write_atomic(out / "train_log.jsonl",
-                             "".join(json.dumps(row) + "\n" for row in trainer.state.log_history))
+                    merged_dir = export_merged(
+                        adapter_dir,
+                        model_cfg.model_name_or_path,
+                        out / "merged",
+                        model_cfg.dtype,
+                        model_cfg.trust_remote_code,
+                    )
+                write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, default=str))
+                write_jsonl_atomic(out / "train_log.jsonl", trainer.state.log_history)
             except OSError as err:
                 reason = f"disk full ({err.filename})" if err.errno == errno.ENOSPC else str(err)
                 raise CheckpointError(
-                    f"could not finish writing {out}: {reason}; the adapter {adapter_dir} is complete") from err
+                    f"could not finish writing {out}: {reason}; the adapter {adapter_dir} is complete"
+                ) from err
     finally:
         # The other workers wait for the main one's writes (also when they fail) before they leave: a
         # worker that tore down its process group while the main one was still merging was sometimes

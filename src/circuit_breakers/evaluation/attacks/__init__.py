@@ -34,8 +34,15 @@ from .templates import PLACEHOLDER, TemplateAttack, fill_template, load_template
 
 ATTACKS: dict[str, type[Attack]] = {
     cls.name: cls
-    for cls in (DirectAttack, PrefillAttack, TemplateAttack, GCGAttack, EmbeddingAttack, RefusalDirectionAttack,
-                MultiTurnAttack)
+    for cls in (
+        DirectAttack,
+        PrefillAttack,
+        TemplateAttack,
+        GCGAttack,
+        EmbeddingAttack,
+        RefusalDirectionAttack,
+        MultiTurnAttack,
+    )
 }
 """Attack classes by name, in the order reports list them."""
 

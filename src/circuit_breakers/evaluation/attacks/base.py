@@ -10,15 +10,17 @@ results so that every number says which attack, with which budget, produced it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, ClassVar, Iterable, Mapping, Protocol, Sequence
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from ...data.slots import Message, encode, split_at_slot, with_suffix  # noqa: F401 (with_suffix: re-exported for the attacks)
+from ...fileio import json_safe
 
 DEFAULT_TARGET = "Sure, here is"
 """Affirmative target used when a benchmark gives none (AdvBench and HarmBench give their own)."""
@@ -37,7 +39,7 @@ class AttackPrompt:
     """One evaluation item: the behaviour to elicit, its affirmative target and optional context.
 
     `history` holds the turns before the request when the benchmark item is itself a conversation;
-    `source` keeps the item it was built from (for example a `data.loaders.Prompt`).
+    `source` keeps the item it was built from (for example a `data.prompts.Prompt`).
     """
 
     behavior: str
@@ -91,9 +93,9 @@ def coerce_prompt(item: AttackPrompt | str | Mapping[str, Any] | object) -> Atta
     context = _pick(item, _CONTEXT_KEYS)
     text = _pick(item, ("text",))
     if behavior is None and isinstance(text, str):
-        # `text` is the whole user turn (data.loaders.Prompt): recover the request behind the context.
+        # `text` is the whole user turn (data.prompts.Prompt): recover the request behind the context.
         head = f"{context}{CONTEXT_SEPARATOR}" if context else None
-        behavior, context = (text[len(head):], context) if head and text.startswith(head) else (text, None)
+        behavior, context = (text[len(head) :], context) if head and text.startswith(head) else (text, None)
     if not isinstance(behavior, str) or not behavior:
         raise AttackError(f"cannot find the behaviour text in {item!r}; expected one of {_BEHAVIOR_KEYS} or text")
     messages = _pick(item, ("messages",))
@@ -103,8 +105,9 @@ def coerce_prompt(item: AttackPrompt | str | Mapping[str, Any] | object) -> Atta
             raise AttackError("a conversation prompt must end with the user turn")
         history = [dict(m) for m in messages[:-1]] or None
     ident = _pick(item, _ID_KEYS)
-    return AttackPrompt(behavior, _pick(item, _TARGET_KEYS), context, None if ident is None else str(ident),
-                        history, item)
+    return AttackPrompt(
+        behavior, _pick(item, _TARGET_KEYS), context, None if ident is None else str(ident), history, item
+    )
 
 
 def coerce_prompts(items: Iterable[AttackPrompt | str | Mapping[str, Any] | object]) -> list[AttackPrompt]:
@@ -220,17 +223,7 @@ class Attack(ABC):
     def settings(self) -> dict[str, Any]:
         """Options of this attack for results.json (JSON-ready values only)."""
         options = asdict(self) if hasattr(self, "__dataclass_fields__") else {}
-        return {"attack": self.name, **{k: _jsonable(v) for k, v in options.items()}}
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    return repr(value)
+        return {"attack": self.name, **{k: json_safe(v) for k, v in options.items()}}
 
 
 def option_names(cls: type[Attack]) -> list[str]:

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from .base import Attack, AttackError, AttackInput, AttackPrompt, Message, _jsonable, coerce_prompts, encode
+from ...fileio import json_safe
+from .base import Attack, AttackError, AttackInput, AttackPrompt, Message, coerce_prompts, encode
 from .loss import Segments, embeds_loss, optimising
 
 log = logging.getLogger(__name__)
@@ -65,8 +67,20 @@ def embedding_optimize(
     `restart_noise` embedding standard deviations, so the samples explore different basins.
     """
     with optimising(model):
-        return _optimize(model, tokenizer, messages, target, init, steps, step_size, restarts, restart_noise, seed,
-                         early_stop_loss, prefix_cache)
+        return _optimize(
+            model,
+            tokenizer,
+            messages,
+            target,
+            init,
+            steps,
+            step_size,
+            restarts,
+            restart_noise,
+            seed,
+            early_stop_loss,
+            prefix_cache,
+        )
 
 
 def _optimize(
@@ -168,19 +182,40 @@ class EmbeddingAttack(Attack):
         for i, p in enumerate(coerce_prompts(prompts)):
             messages = p.chat()
             results = embedding_optimize(
-                model, tokenizer, messages, p.target_or_default(), self.init, self.steps, self.step_size,
-                self.restarts, self.restart_noise, self.seed + i, self.early_stop_loss,
+                model,
+                tokenizer,
+                messages,
+                p.target_or_default(),
+                self.init,
+                self.steps,
+                self.step_size,
+                self.restarts,
+                self.restart_noise,
+                self.seed + i,
+                self.early_stop_loss,
                 self.prefix_cache,
             )
             best_first = sorted(range(len(results)), key=lambda r: results[r].best_loss)
             for r in range(len(results)) if self.keep == "all" else best_first[:1]:
                 res = results[r]
                 log.info("embedding prompt %d restart %d: loss %.3f -> %.3f", i, r, res.initial_loss, res.best_loss)
-                out.append(AttackInput(
-                    messages, p, i, self.name, variant=r, soft_prompt=res.embeds,
-                    settings={"restart": r, "initial_loss": res.initial_loss, "best_loss": res.best_loss,
-                              "best_step": res.best_step, "target_source": "benchmark" if p.target else "default"},
-                ))
+                out.append(
+                    AttackInput(
+                        messages,
+                        p,
+                        i,
+                        self.name,
+                        variant=r,
+                        soft_prompt=res.embeds,
+                        settings={
+                            "restart": r,
+                            "initial_loss": res.initial_loss,
+                            "best_loss": res.best_loss,
+                            "best_step": res.best_step,
+                            "target_source": "benchmark" if p.target else "default",
+                        },
+                    )
+                )
         return out
 
 
@@ -189,14 +224,18 @@ def save_soft_prompts(inputs: Sequence[AttackInput], path: str | Path) -> bool:
     format `replay_soft_prompts` reads; False when there are none."""
     from safetensors.torch import save_file
 
-    kept = {f"{item.prompt.id or item.prompt_index}/{item.variant}": item
-            for item in inputs if item.soft_prompt is not None}
+    kept = {
+        f"{item.prompt.id or item.prompt_index}/{item.variant}": item for item in inputs if item.soft_prompt is not None
+    }
     if not kept:
         return False
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    settings = json.dumps({key: _jsonable(item.settings) for key, item in kept.items()})
-    save_file({key: item.soft_prompt.detach().cpu().contiguous() for key, item in kept.items()}, str(path),
-              metadata={"settings": settings})
+    settings = json.dumps({key: json_safe(item.settings) for key, item in kept.items()})
+    save_file(
+        {key: item.soft_prompt.detach().cpu().contiguous() for key, item in kept.items()},
+        str(path),
+        metadata={"settings": settings},
+    )
     return True
 
 
@@ -220,8 +259,17 @@ def replay_soft_prompts(path: str | Path, prompts: Sequence[AttackPrompt], attac
             missing.append(prompt_id)
         for restart in sorted(variants.get(prompt_id, [])):
             key = f"{prompt_id}/{restart}"
-            out.append(AttackInput(p.chat(), p, i, attack, variant=restart, soft_prompt=tensors[key],
-                                   settings={**settings.get(key, {}), "replayed_from": str(path)}))
+            out.append(
+                AttackInput(
+                    p.chat(),
+                    p,
+                    i,
+                    attack,
+                    variant=restart,
+                    soft_prompt=tensors[key],
+                    settings={**settings.get(key, {}), "replayed_from": str(path)},
+                )
+            )
     if missing:
         raise AttackError(f"{path} has no soft prompt for prompt(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     return out

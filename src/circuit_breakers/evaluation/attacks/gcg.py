@@ -23,9 +23,10 @@ equals the reported loss).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -118,8 +119,20 @@ def gcg_optimize(
     about half the compute on a chat prompt with a system message).
     """
     with optimising(model):
-        return _gcg(model, tokenizer, messages, target, steps, search_width, topk, init, batch_size, seed, ascii_only,
-                    prefix_cache)
+        return _gcg(
+            model,
+            tokenizer,
+            messages,
+            target,
+            steps,
+            search_width,
+            topk,
+            init,
+            batch_size,
+            seed,
+            ascii_only,
+            prefix_cache,
+        )
 
 
 def _gcg(
@@ -198,8 +211,15 @@ def nanogcg_optimize(
     import nanogcg
 
     config = nanogcg.GCGConfig(
-        num_steps=steps, search_width=search_width, topk=topk, optim_str_init=init, batch_size=batch_size,
-        seed=seed, allow_non_ascii=not ascii_only, use_prefix_cache=False, verbosity="WARNING",
+        num_steps=steps,
+        search_width=search_width,
+        topk=topk,
+        optim_str_init=init,
+        batch_size=batch_size,
+        seed=seed,
+        allow_non_ascii=not ascii_only,
+        use_prefix_cache=False,
+        verbosity="WARNING",
     )
     chat = with_suffix(messages, "{optim_str}")
     deterministic = torch.are_deterministic_algorithms_enabled()
@@ -214,8 +234,14 @@ def nanogcg_optimize(
     initial = target_loss(model, tokenizer, messages, target, init)
     best = target_loss(model, tokenizer, messages, target, result.best_string)
     ids = encode(tokenizer, result.best_string)
-    return GCGResult(result.best_string, ids, initial, best, [float(x) for x in result.losses],
-                     f"nanogcg {metadata.version('nanogcg')}")
+    return GCGResult(
+        result.best_string,
+        ids,
+        initial,
+        best,
+        [float(x) for x in result.losses],
+        f"nanogcg {metadata.version('nanogcg')}",
+    )
 
 
 @dataclass
@@ -272,17 +298,38 @@ class GCGAttack(Attack):
         out = []
         for i, p in enumerate(coerce_prompts(prompts)):
             messages = p.chat()
-            result = optimize(model, tokenizer, messages, p.target_or_default(), steps=self.steps,
-                              search_width=self.search_width, topk=self.topk, init=init, batch_size=self.batch_size,
-                              seed=self.seed + i, ascii_only=self.ascii_only, prefix_cache=self.prefix_cache)
+            result = optimize(
+                model,
+                tokenizer,
+                messages,
+                p.target_or_default(),
+                steps=self.steps,
+                search_width=self.search_width,
+                topk=self.topk,
+                init=init,
+                batch_size=self.batch_size,
+                seed=self.seed + i,
+                ascii_only=self.ascii_only,
+                prefix_cache=self.prefix_cache,
+            )
             final = with_suffix(messages, result.suffix)
             # Re-measured on the prompt exactly as generation will render it (one forward pass).
             measured = target_loss(model, tokenizer, final, p.target_or_default())
             log.info("gcg prompt %d: loss %.3f -> %.3f", i, result.initial_loss, measured)
-            out.append(AttackInput(
-                final, p, i, self.name,
-                settings={"suffix": result.suffix, "initial_loss": result.initial_loss, "best_loss": measured,
-                          "search_loss": result.best_loss, "backend": result.backend,
-                          "target_source": "benchmark" if p.target else "default"},
-            ))
+            out.append(
+                AttackInput(
+                    final,
+                    p,
+                    i,
+                    self.name,
+                    settings={
+                        "suffix": result.suffix,
+                        "initial_loss": result.initial_loss,
+                        "best_loss": measured,
+                        "search_loss": result.best_loss,
+                        "backend": result.backend,
+                        "target_source": "benchmark" if p.target else "default",
+                    },
+                )
+            )
         return out

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +45,7 @@ class Segments:
         messages: Sequence[Message],
         target: str,
         prefill: str | None = None,
-    ) -> "Segments":
+    ) -> Segments:
         before_text, after_text = split_at_slot(tokenizer, messages, suffix_slot=True, prefill=prefill)
         device = model.get_input_embeddings().weight.device
         target_ids = encode(tokenizer, target)
@@ -54,11 +55,16 @@ class Segments:
         def tensor(ids: list[int]) -> Tensor:
             return torch.tensor(ids, dtype=torch.long, device=device)
 
-        return cls(tensor(encode(tokenizer, before_text)), tensor(encode(tokenizer, after_text)), tensor(target_ids),
-                   before_text, after_text)
+        return cls(
+            tensor(encode(tokenizer, before_text)),
+            tensor(encode(tokenizer, after_text)),
+            tensor(target_ids),
+            before_text,
+            after_text,
+        )
 
     @torch.no_grad()
-    def cache_prefix(self, model: nn.Module) -> "Segments":
+    def cache_prefix(self, model: nn.Module) -> Segments:
         """Compute `prefix_cache` (in place) and return self."""
         self.prefix_cache = model(input_ids=self.before.unsqueeze(0), use_cache=True).past_key_values
         return self

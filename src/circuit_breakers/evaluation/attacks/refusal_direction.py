@@ -18,16 +18,17 @@ models each get their own). It returns inputs whose `intervention` generation mu
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Literal, Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from ...models import _unwrap, find_decoder_layers, num_layers
+from ...models import find_decoder_layers, num_layers, unwrap_model
 from ...representations import hidden_states
 from .base import Attack, AttackError, AttackInput, coerce_prompts, encode
 
@@ -84,8 +85,9 @@ def last_token_states(
     device = model.get_input_embeddings().weight.device
     rows = []
     for text in instructions:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                               add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
         ids = torch.tensor([encode(tokenizer, prompt)], dtype=torch.long, device=device)
         states = hidden_states(model, ids, torch.ones_like(ids), [layer])
         rows.append(states[layer][0, -1].float())
@@ -102,8 +104,9 @@ def refusal_direction(
     """mean(harmful) - mean(harmless) of last-prompt-token states at `layer`: `[H]` float32."""
     if not harmful or not harmless:
         raise AttackError("the refusal direction needs harmful and harmless instructions")
-    return (last_token_states(model, tokenizer, harmful, layer).mean(0)
-            - last_token_states(model, tokenizer, harmless, layer).mean(0))
+    return last_token_states(model, tokenizer, harmful, layer).mean(0) - last_token_states(
+        model, tokenizer, harmless, layer
+    ).mean(0)
 
 
 def _edit_output(output: Any, edit) -> Any:
@@ -122,8 +125,13 @@ class DirectionIntervention:
     scale: float = 1.0
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "refusal_direction", "mode": self.mode, "layer": self.layer, "scale": self.scale,
-                "direction_norm": float(self.direction.float().norm())}
+        return {
+            "kind": "refusal_direction",
+            "mode": self.mode,
+            "layer": self.layer,
+            "scale": self.scale,
+            "direction_norm": float(self.direction.float().norm()),
+        }
 
     @contextmanager
     def apply(self, model: nn.Module) -> Iterator[None]:
@@ -143,7 +151,7 @@ class DirectionIntervention:
         if self.mode == "add":
             targets, edit = [blocks[self.layer - 1]], add
         elif self.mode == "ablate":
-            targets, edit = [_unwrap(model).get_input_embeddings(), *blocks], ablate
+            targets, edit = [unwrap_model(model).get_input_embeddings(), *blocks], ablate
         else:
             raise AttackError(f"unknown intervention mode {self.mode!r}; choose 'add' or 'ablate'")
         handles = [m.register_forward_hook(lambda _m, _a, out: _edit_output(out, edit)) for m in targets]
@@ -195,8 +203,9 @@ class RefusalDirectionAttack(Attack):
         harmful = load_instructions(self.harmful) if self.harmful is not None else list(behaviors)
         harmless = load_instructions(self.harmless) if self.harmless is not None else list(HARMLESS_INSTRUCTIONS)
         layer = self.resolved_layer(model)
-        direction = refusal_direction(model, tokenizer, harmful[: self.n_instructions],
-                                      harmless[: self.n_instructions], layer)
+        direction = refusal_direction(
+            model, tokenizer, harmful[: self.n_instructions], harmless[: self.n_instructions], layer
+        )
         self.intervention = DirectionIntervention(direction, layer, self.mode, self.scale)
         return self.intervention
 

@@ -19,11 +19,12 @@ import importlib.util
 import json
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, ClassVar, Literal
 
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -106,7 +107,8 @@ class TemplateAttack(Attack):
         """File indices of the usable templates."""
         templates = load_templates(self.path)
         return [
-            i for i, t in enumerate(templates)
+            i
+            for i, t in enumerate(templates)
             if len(t) <= self.max_chars and (self.append_if_missing or PLACEHOLDER.search(t))
         ]
 
@@ -137,8 +139,9 @@ class TemplateAttack(Attack):
             picks = chosen if self.pairing == "all" else [chosen[i % len(chosen)]]
             for variant, index in enumerate(picks):
                 content = fill_template(templates[index], p.user_content(), self.append_if_missing, self.language)
-                out.append(AttackInput(p.chat(content), p, i, self.name, variant=variant,
-                                       settings={"template_index": index}))
+                out.append(
+                    AttackInput(p.chat(content), p, i, self.name, variant=variant, settings={"template_index": index})
+                )
         return out
 
 

@@ -1,0 +1,116 @@
+"""`train`, `merge` and `interpolate`: make a circuit breaker, merge its adapter, or step back along the line
+between two models within a capability budget."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .console import console
+from .launch import accelerate_launch_command, leave_process_group, pop_launch_flags, relaunch
+
+
+def print_config_help(prog: str) -> None:
+    """Every recipe key as a `--key` option: `run` and `train` take the same ones."""
+    from transformers import HfArgumentParser
+
+    from ..config import CONFIG_CLASSES
+
+    HfArgumentParser(CONFIG_CLASSES, prog=prog).print_help()
+
+
+def train_command(argv: list[str]) -> int:
+    """train --config recipe.yaml [--any_field value ...] [--accelerate-config ddp|fsdp2|deepspeed_zero2|deepspeed_zero3|PATH]"""  # noqa: E501
+    from ..config import parse_config
+    from ..training import CheckpointError, TrainingDiverged, TrainingInterrupted
+    from ..training.run import train
+
+    if argv and argv[0] in ("-h", "--help"):
+        print_config_help("circuit-breakers train")
+        print(
+            "\nlaunch options:\n  --accelerate-config NAME|PATH  relaunch under `accelerate launch` (shipped: ddp, "
+            "fsdp2, deepspeed_zero2, deepspeed_zero3)\n  --num-processes N              processes (default: visible "
+            "GPUs)\n  --main-process-port P          rendezvous port (default: a free one)"
+        )
+        return 0
+    launch, argv = pop_launch_flags(argv)
+    model_cfg, data_cfg, cb_cfg = parse_config(argv)  # bad arguments fail here, once, before any launch
+    if launch.get("config"):
+        n = int(launch["num_processes"]) if "num_processes" in launch else None
+        port = int(launch["port"]) if "port" in launch else None
+        return relaunch(accelerate_launch_command(launch["config"], argv, n, port))
+    try:
+        result = train(model_cfg, data_cfg, cb_cfg)
+    except TrainingInterrupted as err:
+        print(f"interrupted: {err}", file=sys.stderr)
+        return err.exit_code
+    except (CheckpointError, TrainingDiverged) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        leave_process_group()
+    if cb_cfg.process_index != 0:
+        return 0
+    console.print(f"[bold green]adapter[/] {result.adapter_dir}")
+    if result.merged_dir:
+        console.print(f"[bold green]merged model[/] {result.merged_dir}")
+    console.print_json(json.dumps({k: v for k, v in result.summary.items() if k != "masks"}, default=str))
+    return 0
+
+
+def merge_command(argv: list[str]) -> int:
+    """merge ADAPTER_DIR OUT_DIR [--base MODEL] [--dtype DTYPE]"""
+    from ..adapters import export_merged
+
+    parser = argparse.ArgumentParser(
+        prog="circuit-breakers merge", description="Merge an adapter into its full base model."
+    )
+    parser.add_argument("adapter_dir")
+    parser.add_argument("out_dir")
+    parser.add_argument("--base", help="base model (default: the adapter's base_model_name_or_path)")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--trust_remote_code", action="store_true")
+    args = parser.parse_args(argv)
+    base = args.base
+    if base is None:
+        from peft import PeftConfig
+
+        base = PeftConfig.from_pretrained(args.adapter_dir).base_model_name_or_path
+    out = export_merged(args.adapter_dir, base, args.out_dir, args.dtype, args.trust_remote_code)
+    console.print(f"[bold green]merged model[/] {out}")
+    return 0
+
+
+def interpolate_command(argv: list[str]) -> int:
+    """interpolate START END OUT --data VAL: the largest step from START towards END within a capability budget"""
+    from ..data.records import read_records
+    from ..experiments.interpolate import DEFAULT_GRID, interpolate_within_budget, save_interpolation
+
+    parser = argparse.ArgumentParser(
+        prog="circuit-breakers interpolate",
+        description="Write START + w (END - START) for the largest w on a grid (from 1 down) whose teacher-forced "
+        "loss on validation records is within --max_loss_change of the base model's; for example "
+        "START the vanilla circuit breaker, END a hardened (RR + LAT) continuation of it.",
+    )
+    parser.add_argument("start", help="merged model training started from")
+    parser.add_argument("end", help="merged model it was trained into (same architecture)")
+    parser.add_argument("out_dir")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="validation records (chat records with answers), not the held-out set the result is reported on",
+    )
+    parser.add_argument("--base", default="embedded", help="the base model the loss change is measured against")
+    parser.add_argument("--max_loss_change", type=float, default=0.05, help="relative budget (0.05: +5%%)")
+    parser.add_argument("--grid", default=",".join(f"{w:g}" for w in DEFAULT_GRID), help="weights to try (comma list)")
+    args = parser.parse_args(argv)
+    grid = [float(w) for w in args.grid.split(",")]
+    model, result = interpolate_within_budget(
+        args.start, args.end, read_records(args.data), args.base, args.max_loss_change, grid
+    )
+    for weight, change in result.tried:
+        console.print(f"  w {weight:<4g} loss {change:+.1%}")
+    out = save_interpolation(model, result, args.out_dir)
+    console.print(f"[bold green]w = {result.weight:g}[/] (loss {result.loss_change:+.1%}): {out}")
+    return 0
