@@ -131,9 +131,9 @@ def test_a_bad_value_fails_before_any_point_runs(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(sweep, "run_pipeline", lambda *a: calls.append(a))
     with pytest.raises(ConfigError, match=r"grid point alpha=x: .*alpha must be a number"):
-        run_sweep({"alpha": [5, "x"]}, overrides=["--runs_dir", str(tmp_path)], sweep_id="s")
+        run_sweep({"alpha": [5, "x"]}, overrides={"runs_dir": str(tmp_path)}, sweep_id="s")
     with pytest.raises(ConfigError, match="alpha: set both by the grid and as an override"):
-        run_sweep({"alpha": [5, 6]}, overrides=["--runs_dir", str(tmp_path), "--alpha", "3"], sweep_id="s")
+        run_sweep({"alpha": [5, 6]}, overrides={"runs_dir": str(tmp_path), "alpha": 3}, sweep_id="s")
     assert calls == []
 
 
@@ -160,7 +160,7 @@ def test_a_failing_point_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch
 
     seen.clear()
     with pytest.raises(RuntimeError, match="boom"):
-        run_sweep({"alpha": [1, 2]}, overrides=["--runs_dir", str(tmp_path)], sweep_id="strict", strict=True)
+        run_sweep({"alpha": [1, 2]}, overrides={"runs_dir": str(tmp_path)}, sweep_id="strict", strict=True)
     assert [s[0] for s in seen] == ["alpha=1"]
     statuses = [p["status"] for p in json.loads((tmp_path / "strict" / "sweep.json").read_text())["points"]]
     assert statuses == ["failed", "pending"]
@@ -330,3 +330,44 @@ def test_data_from_takes_an_existing_runs_data_when_its_settings_match(toy_sweep
     assert (
         "copied_from" not in json.loads((root.parent / "toy-other" / "max_steps=3" / "stages.json").read_text())["data"]
     )
+
+
+def test_command_line_settings_are_read_as_recipe_values():
+    """`--key value` arguments become recipe settings typed as a recipe's values, so library code never sees argv."""
+    from circuit_breakers.config import parse_settings, settings_from_args
+
+    settings = settings_from_args(
+        [
+            "--alpha",
+            "5",
+            "--target_layers",
+            "10",
+            "--run_id",
+            "123",
+            "--merge",
+            "--retain_layers=10,20",
+            "--learning_rate",
+            "1e-3",
+            "--dtype",
+            "float32",
+        ]
+    )
+    assert settings == {
+        "alpha": 5,
+        "target_layers": [10],
+        "run_id": "123",
+        "merge": True,
+        "retain_layers": "10,20",
+        "learning_rate": "1e-3",
+        "dtype": "float32",
+    }
+    assert settings_from_args(["--target_layers", "10", "20"]) == {"target_layers": [10, 20]}
+    with pytest.raises(ConfigError, match="alpah"):
+        settings_from_args(["--alpah", "5"])
+    assert settings_from_args(["--alpha", "5", "--alpha", "6"]) == {"alpha": 6}
+    model_cfg, data_cfg, cb_cfg, run_cfg = parse_settings(settings, recipe="embedded")
+    assert (cb_cfg.alpha, cb_cfg.target_layers, cb_cfg.learning_rate) == (5.0, [10], 1e-3)
+    assert (run_cfg.run_id, model_cfg.dtype, cb_cfg.retain_layers) == ("123", "float32", "10,20")
+    assert data_cfg.max_length == 256  # the recipe's value where no setting overrides it
+    with pytest.raises(ConfigError, match="alpha must be a number"):
+        parse_settings({"alpha": "x"}, recipe="embedded")

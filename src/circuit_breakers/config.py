@@ -13,6 +13,7 @@ import difflib
 import sys
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from functools import cache
 from pathlib import Path
@@ -407,15 +408,71 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid YAML: {err}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of keys to values")
-    unknown = [k for k in data if k not in valid_keys()]
+    return check_settings(data, f"recipe ({path})", str(path))
+
+
+def check_settings(settings: Mapping[str, Any], where: str, prefix: str | None = None) -> dict[str, Any]:
+    """`settings` (recipe key -> value) checked as a recipe is: unknown keys refused with the valid ones,
+    values of the wrong type refused naming the key. Returns them as a dict."""
+    unknown = [k for k in settings if k not in valid_keys()]
     if unknown:
-        raise unknown_key_error(unknown, f"recipe ({path})")
+        raise unknown_key_error(unknown, where)
     key_types = _key_types()
-    for key, value in data.items():
+    for key, value in settings.items():
         expected = _type_mismatch(value, key_types[key])
         if expected:
-            raise ConfigError(f"{path}: {key} must be {expected}, got {value!r}")
-    return data
+            raise ConfigError(f"{prefix or where}: {key} must be {expected}, got {value!r}")
+    return dict(settings)
+
+
+def settings_from_args(args: Sequence[str]) -> dict[str, Any]:
+    """`--key value` command-line arguments as recipe settings, so library code never sees argv: values
+    read as YAML like a recipe's (several values make a list, a bare flag is true, the last of a repeated
+    key wins), except that text stays text where the key takes text and one value becomes a list where the
+    key takes a list."""
+    settings: dict[str, Any] = {}
+    key: str | None = None
+    raw: dict[str, list[str]] = {}
+    for arg in args:
+        if arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            raw.pop(key, None)  # the last one wins, as on any command line
+            raw[key] = [value] if eq else []
+        elif key is None:
+            raise ConfigError(f"unexpected argument {arg!r}: expected --key value")
+        else:
+            raw[key].append(arg)
+    unknown = [k for k in raw if k not in valid_keys()]
+    if unknown:
+        raise unknown_key_error(unknown, "command-line")
+    key_types = _key_types()
+    for key, values in raw.items():
+        try:
+            read = [yaml.safe_load(v) for v in values]
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--{key}: not a valid value: {' '.join(str(err).split())}") from err
+        value: Any = True if not values else read[0] if len(read) == 1 else read
+        for candidate in [value] if isinstance(value, list) else [value, [value]]:
+            if _type_mismatch(candidate, key_types[key]) is None:
+                value = candidate
+                break
+        else:
+            text = values[0] if len(values) == 1 else list(values)
+            if values and _type_mismatch(text, key_types[key]) is None:
+                value = text
+        settings[key] = value
+    return settings
+
+
+def parse_settings(
+    settings: Mapping[str, Any], recipe: str | Path | None = None
+) -> tuple[ModelConfig, DataConfig, CircuitBreakerConfig, RunConfig]:
+    """Configs from a recipe with `settings` (recipe key -> value, checked as a recipe's) on top."""
+    values = {**(load_recipe(recipe) if recipe is not None else {}), **check_settings(settings, "settings")}
+    parser = HfArgumentParser(CONFIG_CLASSES)
+    parser.set_defaults(**values)
+    model_cfg, data_cfg, cb_cfg, run_cfg = parser.parse_args_into_dataclasses(args=[])
+    return model_cfg, data_cfg, cb_cfg, run_cfg
 
 
 def parse_config(

@@ -27,6 +27,7 @@ def run_command(argv: list[str]) -> int:
 
 def sweep_command(argv: list[str]) -> int:
     """sweep [recipe.yaml] --grid KEY=V1|V2 [--grid ...] [--any_field value ...]: the main job over a grid, one table"""
+    from ..config import settings_from_args
     from ..experiments.sweep import GRID_HELP, parse_grid, run_sweep
 
     parser = argparse.ArgumentParser(
@@ -58,7 +59,8 @@ def sweep_command(argv: list[str]) -> int:
     recipe = "embedded"
     if argv and not argv[0].startswith("-"):
         recipe, argv = argv[0], argv[1:]
-    args, overrides = parser.parse_known_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    overrides = settings_from_args(rest)
     doc = run_sweep(parse_grid(args.grid), args.config or recipe, overrides, args.sweep_id, args.strict, args.data_from)
     console.print(f"[bold green]sweep folder[/] {doc['folder']}")
     return 1 if any(p["status"] == "failed" for p in doc["points"]) else 0

@@ -27,7 +27,15 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigError, load_recipe, parse_run_config, unknown_key_error, valid_keys
+from ..config import (
+    ConfigError,
+    check_settings,
+    load_recipe,
+    parse_run_config,
+    parse_settings,
+    unknown_key_error,
+    valid_keys,
+)
 from ..fileio import digest as settings_digest
 from ..fileio import write_text_atomic
 from .main_job import Run, run_pipeline
@@ -129,17 +137,19 @@ def grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
 # Running
 
 
-def point_configs(recipe: str | Path, overrides: Mapping[str, Any], args: Sequence[str], recipe_file: Path) -> tuple:
-    """The main job's configs for one point: `recipe` plus the point's `overrides`, written to
-    `recipe_file` (so the point can be re-run on its own), then the command-line `args` on top.
-    The recipe loader checks every value, as it checks a hand-written recipe."""
-    settings = {**load_recipe(recipe), **overrides}
+def point_configs(
+    recipe: str | Path, overrides: Mapping[str, Any], shared: Mapping[str, Any], recipe_file: Path
+) -> tuple:
+    """The main job's configs for one point: `recipe` plus the point's `overrides` and the settings
+    `shared` by every point, written to `recipe_file` (so `run --config <point>/recipe.yaml` re-runs the
+    point on its own). The recipe loader checks every value, as it checks a hand-written recipe."""
+    settings = {**load_recipe(recipe), **shared, **overrides}
     header = (
         f"# sweep point: recipe {recipe} with {json.dumps(overrides, default=str)}\n"
-        f"# command-line overrides on top: {' '.join(args) or 'none'}\n"
+        f"# settings shared by every point: {json.dumps(dict(shared), default=str) if shared else 'none'}\n"
     )
     write_text_atomic(recipe_file, header + yaml.safe_dump(settings, sort_keys=False))
-    return parse_run_config(list(args), recipe=recipe_file)
+    return parse_run_config([], recipe=recipe_file)
 
 
 def data_stage_key(configs: Sequence[Any]) -> dict[str, Any]:
@@ -190,27 +200,25 @@ def _data_source(points: Sequence[Mapping[str, Any]], digest: str) -> Path | Non
 def run_sweep(
     grid: Mapping[str, Sequence[Any]],
     recipe: str | Path = "embedded",
-    overrides: Sequence[str] = (),
+    overrides: Mapping[str, Any] | None = None,
     sweep_id: str | None = None,
     strict: bool = False,
     data_from: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run the main job at every grid point; write sweep.json and sweep.md and print the table.
 
-    `overrides` are `--key value` arguments applied to every point (as `circuit-breakers run` takes
-    them). A failing point is recorded with its error and the sweep goes on, unless `strict`. Every
-    point is checked before the first one runs, so a bad value fails at once. Returns sweep.json's
-    document. `data_from`: a finished main-job folder whose data stage (and base-model cells) a point
-    takes when its data settings match (the recorded key is compared), as it would from an earlier point.
+    `overrides` are recipe settings (key -> value, checked as a recipe's) applied to every point (the
+    CLI reads them from `--key value` arguments). A failing point is recorded with its error and the
+    sweep goes on, unless `strict`. Every point is checked before the first one runs, so a bad value
+    fails at once. Returns sweep.json's document. `data_from`: a finished main-job folder whose data
+    stage (and base-model cells) a point takes when its data settings match (the recorded key is
+    compared), as it would from an earlier point.
     """
-    overrides = list(overrides)
-    if "--config" in overrides:
-        raise ConfigError("pass the recipe as `recipe`, not as --config among the overrides")
-    flags = {a.split("=", 1)[0][2:] for a in overrides if a.startswith("--")}
-    both = [k for k in grid if k in flags]
+    overrides = check_settings(overrides or {}, "overrides")
+    both = [k for k in grid if k in overrides]
     if both:
         raise ConfigError(f"{', '.join(both)}: set both by the grid and as an override; keep one")
-    base = parse_run_config(overrides, recipe=recipe)
+    base = parse_settings(overrides, recipe=recipe)
     if sweep_id is None:
         sweep_id = _name_part(f"{base[3].run_id}-sweep-{'-'.join(grid)}")
     if not sweep_id or Path(sweep_id).name != sweep_id or sweep_id in (".", ".."):
@@ -415,7 +423,7 @@ def sweep_markdown(doc: Mapping[str, Any]) -> str:
         f"# sweep {doc['sweep_id']}",
         "",
         f"recipe `{doc['recipe']}`"
-        + (f", overrides `{' '.join(doc['overrides'])}`" if doc["overrides"] else "")
+        + (f", overrides `{json.dumps(doc['overrides'], default=str)}`" if doc["overrides"] else "")
         + "; ASR and over-refusal of the circuit-broken model.",
         "",
     ]
