@@ -11,6 +11,7 @@ import torch
 from circuit_breakers.fileio import (
     atomic_dir,
     atomic_open,
+    decode_utf8,
     digest,
     json_safe,
     replace_dir,
@@ -73,3 +74,27 @@ def test_written_files_and_folders_get_the_umask_permissions_not_private_ones(tm
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o755
+
+
+def test_umask_permissions_opens_up_what_libraries_wrote_private(tmp_path):
+    from safetensors.torch import save_file
+
+    from circuit_breakers.fileio import umask_permissions
+
+    old = os.umask(0o022)
+    try:
+        (tmp_path / "m" / "sub").mkdir(parents=True, mode=0o700)
+        save_file({"a": torch.zeros(2)}, str(tmp_path / "m" / "sub" / "w.safetensors"))  # written 0600
+        umask_permissions(tmp_path / "m")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m" / "sub" / "w.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "m" / "sub").stat().st_mode) == 0o755
+
+
+def test_decode_utf8_names_the_line_of_the_first_bad_byte():
+    assert decode_utf8("é\n".encode(), "f.txt") == "é\n"
+    with pytest.raises(KeyError, match=r"f.txt:3: not UTF-8 text \(byte 0xff\)"):
+        decode_utf8(b"a\nb\n\xff\n", "f.txt", KeyError)
+    with pytest.raises(ValueError, match=r"d.jsonl:12: not UTF-8"):
+        decode_utf8(b"\xfe", "d.jsonl", first_line=12)

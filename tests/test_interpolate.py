@@ -152,3 +152,20 @@ def test_cli_writes_the_chosen_model_and_its_provenance(folders, tmp_path, capsy
         == 2
     )
     assert "no weight keeps" in capsys.readouterr().err and not (tmp_path / "none").exists()
+
+
+def test_cli_refuses_an_occupied_output_folder_before_any_work_unless_overwrite(folders, tmp_path, capsys):
+    start, end = folders
+    data = write_records(records(), tmp_path / "val.jsonl")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    command = ["interpolate", str(start), str(end), str(out), "--data", str(data), "--base", str(start)]
+    assert main([*command, "--max_loss_change", "0", "--grid", "1,0"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("error: ") and str(out) in err and "--overwrite" in err and "w 1" not in capsys.readouterr().out
+    )
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert main([*command, "--max_loss_change", "0", "--grid", "1,0", "--overwrite"]) == 0
+    assert json.loads((out / "interpolation.json").read_text())["weight"] == 0.0

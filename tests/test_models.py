@@ -80,3 +80,30 @@ def test_disabled_adapter_equals_base(tmp_path):
     assert not torch.allclose(peft_model(input_ids=ids).logits, base_logits, atol=1e-4)
     with peft_model.disable_adapter():
         assert torch.equal(peft_model(input_ids=ids).logits, base_logits)
+
+
+def test_default_target_layers_stay_inside_small_models():
+    """Issue 30, item 10: a 1-layer model got the default [1, 2], then an error about layer 2, which the
+    user never passed. The defaults now lie in 1..n_layers for every depth."""
+    from circuit_breakers.models import default_target_layers, validate_layers
+
+    assert default_target_layers(1) == [1]
+    assert default_target_layers(2) == [1, 2]
+    assert default_target_layers(32) == [10, 20]
+    for n in range(1, 80):
+        layers = default_target_layers(n)
+        assert validate_layers(layers, n) == layers
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_the_deepest_index_is_the_last_block_before_the_final_norm(arch):
+    """Index n (the number of blocks) is the last block's output un-normed; transformers' hidden_states[n] is the
+    same tensor after the final norm (docs/training.md, Layers)."""
+    model = make_model(arch, layers=3)
+    ids = torch.randint(3, 200, (2, 7))
+    mask = torch.ones_like(ids)
+    ours = hidden_states(model, ids, mask, [3])[3]
+    ref = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[3]
+    norm = model.model.norm if arch == "llama" else model.transformer.ln_f
+    assert not torch.allclose(ours, ref, atol=1e-4)
+    assert torch.allclose(norm(ours), ref, atol=1e-5)

@@ -196,3 +196,62 @@ def test_find_probe_auto_takes_the_probe_beside_a_local_model(tmp_path):
     assert find_probe(str(model), "auto") == str(model / "probe")
     assert find_probe(str(model), "none") is None
     assert find_probe(str(model), str(tmp_path / "elsewhere")) == str(tmp_path / "elsewhere")
+
+
+class ScriptedProbe(Probe):
+    """A probe whose score the test controls: the i-th judged token gets `script(i)`; it records every
+    hidden state it was asked to judge."""
+
+    def __init__(self, settings, script):
+        super().__init__(settings)
+        self.script, self.seen = script, []
+
+    def probability(self, hidden):
+        import torch
+
+        self.seen.append(hidden.detach().clone())
+        return torch.full(hidden.shape[:-1], float(self.script(len(self.seen) - 1)), device=hidden.device)
+
+
+def test_monitor_judges_every_generated_token_including_the_last_and_a_short_answer(tiny):
+    """Issue 30 item 11: generate never computes the last token's hidden state and the window never filled
+    on answers shorter than it; `finish` judges the last token and a short answer's mean."""
+    import torch
+
+    from circuit_breakers.representations import hidden_states
+
+    model, tokenizer = tiny
+    ids = tokenizer("<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n", return_tensors="pt")["input_ids"]
+
+    def run(probe, n):
+        monitor = ProbeMonitor(model, probe)
+        with monitor.attached():
+            out = model.generate(
+                ids,
+                max_new_tokens=n,
+                do_sample=False,
+                stopping_criteria=[monitor],
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=None,
+                return_dict_in_generate=True,
+            )
+            monitor.finish(out.sequences, out.past_key_values)
+        return monitor, out.sequences
+
+    # every generated token judged, each on its own hidden state (the same as a full forward's)
+    probe = ScriptedProbe(ProbeSettings(layer=2, hidden_size=32, threshold=0.5, window=1), lambda i: 0.0)
+    monitor, seq = run(probe, 6)
+    assert len(probe.seen) == 6 and not bool(monitor.fired[0])
+    full = hidden_states(model, seq, torch.ones_like(seq), [2])[2][0, ids.shape[1] :]
+    assert torch.allclose(torch.cat(probe.seen), full, atol=1e-5)
+
+    # only the last token is harmful: halted
+    last = ScriptedProbe(ProbeSettings(layer=2, hidden_size=32, threshold=0.5, window=1), lambda i: float(i == 5))
+    assert bool(run(last, 6)[0].fired[0])
+
+    # an answer shorter than the window: the mean of its tokens is judged, as `window_score` does
+    short = ScriptedProbe(ProbeSettings(layer=2, hidden_size=32, threshold=0.5, window=8), lambda i: 0.9)
+    monitor, _ = run(short, 4)
+    assert bool(monitor.fired[0]) and float(monitor.scores[0]) == pytest.approx(0.9)
+    quiet = ScriptedProbe(ProbeSettings(layer=2, hidden_size=32, threshold=0.5, window=8), lambda i: 0.3)
+    assert not bool(run(quiet, 4)[0].fired[0])

@@ -7,6 +7,7 @@ up into the experiments that first needed adapter combinations.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -15,7 +16,14 @@ from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
 from .config import ModelConfig
-from .models import find_decoder_layers, load_model, load_tokenizer, resolve_dtype, save_model
+from .models import (
+    check_output_folder,
+    find_decoder_layers,
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+    save_model,
+)
 
 COMBINED = "combined"
 """Adapter name of the sum of several adapters (`combine_adapters`)."""
@@ -32,6 +40,14 @@ def block_linear_names(model: PreTrainedModel) -> list[str]:
             if isinstance(module, (torch.nn.Linear, Conv1D)):
                 names.add(name.rsplit(".", 1)[-1])
     return sorted(names)
+
+
+def without_hub_lookup(model: PeftModel) -> PeftModel:
+    """Make `model.save_pretrained` (every checkpoint and the export) skip peft's check for resized
+    embeddings, which asks the Hub whether `base_model_name_or_path` (`embedded`, a hub id) has a
+    config.json at every save. LoRA here never targets or resizes the embeddings, so they are never saved."""
+    model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
+    return model
 
 
 def add_lora(model: PreTrainedModel, model_cfg: ModelConfig, blocks: Sequence[int]) -> PeftModel:
@@ -55,7 +71,7 @@ def add_lora(model: PreTrainedModel, model_cfg: ModelConfig, blocks: Sequence[in
             for name, param in peft_model.named_parameters():
                 if "lora_B" in name:
                     param.normal_(0.0, model_cfg.lora_init_scale)
-    return peft_model
+    return without_hub_lookup(peft_model)
 
 
 def load_trainable_adapter(model: PreTrainedModel, path: str, kept_blocks: int) -> tuple[PeftModel, list[int]]:
@@ -73,7 +89,7 @@ def load_trainable_adapter(model: PreTrainedModel, path: str, kept_blocks: int) 
             f"0..{kept_blocks - 1} (the deepest target layer): choose target layers at least as deep as "
             "the adapter's run"
         )
-    return PeftModel.from_pretrained(model, path, is_trainable=True), blocks
+    return without_hub_lookup(PeftModel.from_pretrained(model, path, is_trainable=True)), blocks
 
 
 def load_adapters(base: PreTrainedModel, adapters: Mapping[str, str | Path]) -> PeftModel:
@@ -132,14 +148,17 @@ def export_merged(
     out_dir: str | Path,
     dtype: str | torch.dtype = "auto",
     trust_remote_code: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Merge a (possibly truncated-layer) training adapter into the full base model and save it.
 
     The adapter only touches blocks below the deepest target layer, which exist unchanged in the full
     model, so loading it onto the full model and merging gives every original layer. The merge happens
     in float32 and the result is cast to `dtype` afterwards, so rounding happens once. Several adapter
-    folders: their sum is merged (category adapters combined, see `combine_adapters`).
+    folders: their sum is merged (category adapters combined, see `combine_adapters`). An `out_dir` holding
+    anything is refused before any work unless `overwrite`; non-finite merged weights are never written.
     """
+    check_output_folder(out_dir, overwrite)
     base = load_model(base_model, dtype=torch.float32, trust_remote_code=trust_remote_code)
     if isinstance(adapter_dir, (str, Path)):
         merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
@@ -151,4 +170,4 @@ def export_merged(
     merged = merged.to(resolve_dtype(dtype))
     card = Path(adapter_dir, "README.md") if isinstance(adapter_dir, (str, Path)) else None
     extra = {"README.md": card.read_text()} if card is not None and card.is_file() else {}
-    return save_model(merged, load_tokenizer(base_model, trust_remote_code), out_dir, extra)
+    return save_model(merged, load_tokenizer(base_model, trust_remote_code), out_dir, extra, overwrite)

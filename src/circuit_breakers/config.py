@@ -10,6 +10,8 @@ i is the output of decoder block i-1, so for a 32-layer model the indices run 0.
 from __future__ import annotations
 
 import difflib
+import math
+import os
 import sys
 import types
 import typing
@@ -21,6 +23,8 @@ from typing import Any, Literal
 
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
+
+from .fileio import decode_utf8
 
 RECIPES_DIR = Path(__file__).parent / "configs"
 ACCELERATE_CONFIGS_DIR = Path(__file__).parent / "accelerate_configs"
@@ -77,6 +81,9 @@ class ModelConfig:
             "and shape are loaded and trained further instead of a fresh LoRA."
         },
     )
+
+    def __post_init__(self) -> None:
+        check_model_path(self.model_name_or_path)
 
 
 @dataclass
@@ -255,6 +262,16 @@ class CircuitBreakerConfig(TrainingArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.target_layers is not None and not self.target_layers:
+            raise ConfigError("target_layers is empty: list hidden_states indices, or leave it out for the default")
+        for name in ("gradient_accumulation_steps", "max_steps", "per_device_train_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lat_epsilon > 0 and self.target_layers and not self.lat_layer < max(self.target_layers):
+            raise ConfigError(
+                f"lat_layer {self.lat_layer} must lie below the deepest target layer {max(self.target_layers)}"
+            )
+        check_output_folder(self.output_dir, "output_dir")
         if self.alpha < 0:
             raise ConfigError("alpha must be non-negative")
         if self.lat_epsilon < 0 or self.lat_steps < 1 or self.lat_layer < 0 or self.lat_step_size <= 0:
@@ -314,6 +331,36 @@ class RunConfig:
     eval_max_new_tokens: int = field(default=40, metadata={"help": "Tokens generated per evaluation prompt."})
     xstest_path: str | None = field(default=None, metadata={"help": "XSTest prompts CSV for over-refusal (optional)."})
     n_xstest: int = field(default=50, metadata={"help": "XSTest safe prompts evaluated when xstest_path is set."})
+
+    def __post_init__(self) -> None:
+        check_output_folder(self.runs_dir, "runs_dir")
+
+
+def check_model_path(name_or_path: str) -> None:
+    """Refuse a model path that is a plain file other than a .gguf (transformers would fail on it with a
+    traceback about an invalid config.json)."""
+    if Path(name_or_path).is_file() and not name_or_path.endswith(".gguf"):
+        raise ConfigError(
+            f"model {name_or_path} is a file, not a model folder: give a folder holding config.json and the "
+            "weights, a hub id, `embedded` or a .gguf file"
+        )
+
+
+def check_output_folder(path: str | None, what: str) -> None:
+    """Refuse an output folder that can never be made: one below a file, or (for a user without the right
+    to write there) below a folder that cannot be written."""
+    if not path:
+        return
+    folder = Path(path)
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            break
+    if not parent.is_dir():
+        raise ConfigError(f"{what} {path}: {parent} is a file, not a folder")
+    if parent != folder and not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path}: cannot create it, {parent} is not writable")
+    if parent == folder and not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path}: the folder is not writable")
 
 
 CONFIG_CLASSES = (ModelConfig, DataConfig, CircuitBreakerConfig, RunConfig)
@@ -389,6 +436,8 @@ def _type_mismatch(value: Any, tp: Any) -> str | None:
     if tp is bool:
         return None if isinstance(value, bool) else "true or false"
     if tp in (int, float):
+        if tp is float and _as_number(value, float) and not math.isfinite(float(value)):
+            return "a finite number"  # .inf / .nan: training would write an adapter of NaNs
         return None if _as_number(value, tp) else ("an integer" if tp is int else "a number")
     if tp is str:
         return None if isinstance(value, str) else "text"
@@ -399,13 +448,85 @@ def _type_mismatch(value: Any, tp: Any) -> str | None:
     return None
 
 
+MAX_ECHO = 200
+"""Longest value repr an error message echoes; longer ones are cut (a recipe value can be huge)."""
+
+MAX_RECIPE_VALUES = 100_000
+"""Most values a recipe may hold once its aliases are expanded (a YAML alias bomb is refused)."""
+
+
+def short_repr(value: Any, limit: int = MAX_ECHO) -> str:
+    """`repr(value)` cut to `limit` characters, without building the whole repr of a huge value."""
+    if isinstance(value, (list, dict, tuple)) and expanded_size(value, limit) > limit:
+        return f"<a {type(value).__name__} of more than {limit} values>"
+    text = repr(value[: limit + 1] if isinstance(value, str) else value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def expanded_size(value: Any, limit: int) -> int:
+    """How many values `value` holds counting every alias anew; stops counting past `limit`."""
+    count, stack = 0, [value]
+    while stack and count <= limit:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack += [*item.keys(), *item.values()]
+        elif isinstance(item, (list, tuple)):
+            stack += item
+    return count
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping, naming it and its line."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {short_repr(key)}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_checked_int(self, node: yaml.ScalarNode) -> int:
+        """An integer, or an error at its line when it has more digits than Python converts."""
+        try:
+            return self.construct_yaml_int(node)
+        except ValueError as err:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"integer too long ({len(node.value)} characters)", node.start_mark
+            ) from err
+
+
+_RecipeLoader.add_constructor("tag:yaml.org,2002:int", _RecipeLoader.construct_checked_int)
+
+
 def load_recipe(path: str | Path) -> dict[str, Any]:
-    """A recipe's key/value pairs (plain YAML data, safe_load: recipes cannot execute code)."""
+    """A recipe's key/value pairs (plain YAML data, safe_load: recipes cannot execute code). A duplicate
+    key, undecodable text, a value nested or aliased beyond reason are refused naming file and line."""
     path = recipe_path(str(path))
+    text = decode_utf8(path.read_bytes(), path, ConfigError)
+    loader = _RecipeLoader(text)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = loader.get_single_data() or {}
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {' '.join(str(err.problem or err).split())}") from err
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML: {err}") from err
+        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(err).split())}") from err
+    except RecursionError as err:
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from err
+    except ValueError as err:
+        raise ConfigError(f"{path}: invalid value ({short_repr(str(err))})") from err
+    finally:
+        loader.dispose()
+    if expanded_size(data, MAX_RECIPE_VALUES) > MAX_RECIPE_VALUES:
+        raise ConfigError(
+            f"{path}: the recipe's aliases expand to more than {MAX_RECIPE_VALUES} values; write the values out"
+        )
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of keys to values")
     return check_settings(data, f"recipe ({path})", str(path))
@@ -421,7 +542,7 @@ def check_settings(settings: Mapping[str, Any], where: str, prefix: str | None =
     for key, value in settings.items():
         expected = _type_mismatch(value, key_types[key])
         if expected:
-            raise ConfigError(f"{prefix or where}: {key} must be {expected}, got {value!r}")
+            raise ConfigError(f"{prefix or where}: {key} must be {expected}, got {short_repr(value)}")
     return dict(settings)
 
 
@@ -449,8 +570,8 @@ def settings_from_args(args: Sequence[str]) -> dict[str, Any]:
     for key, values in raw.items():
         try:
             read = [yaml.safe_load(v) for v in values]
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--{key}: not a valid value: {' '.join(str(err).split())}") from err
+        except (yaml.YAMLError, ValueError, RecursionError) as err:  # ValueError: an integer too long
+            raise ConfigError(f"--{key}: not a valid value: {short_repr(' '.join(str(err).split()))}") from err
         value: Any = True if not values else read[0] if len(read) == 1 else read
         for candidate in [value] if isinstance(value, list) else [value, [value]]:
             if _type_mismatch(candidate, key_types[key]) is None:
@@ -507,5 +628,17 @@ def parse_run_config(
     try:
         model_cfg, data_cfg, cb_cfg, run_cfg = parser.parse_args_into_dataclasses(args=args)
     except SystemExit as err:  # argparse prints its own message first
-        raise ConfigError(f"invalid command line: {' '.join(args)}") from err
+        text = " ".join(args)
+        text = text if len(text) <= MAX_ECHO else text[: MAX_ECHO - 3] + "..."
+        raise ConfigError(f"invalid command line: {text}") from err
+    _refuse_non_finite(model_cfg, data_cfg, cb_cfg, run_cfg)  # a recipe's were refused naming the file
     return model_cfg, data_cfg, cb_cfg, run_cfg
+
+
+def _refuse_non_finite(*configs: Any) -> None:
+    """A NaN or infinite float setting from the command line (`--learning_rate inf`), refused naming it."""
+    for config in configs:
+        for f in fields(config):
+            value = getattr(config, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{f.name} must be a finite number, got {value}")

@@ -64,6 +64,36 @@ def write_jsonl_atomic(path: str | Path, rows: Iterable[Any]) -> Path:
     return Path(path)
 
 
+def current_umask() -> int:
+    """The process's umask (from /proc where there is one, so it is never changed, even for a moment)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def umask_permissions(folder: str | Path) -> Path:
+    """Give every file and folder under `folder` (and itself) the permissions the umask gives new ones.
+    Libraries that write through temporary files leave them private: safetensors' `save_file` writes
+    0600, which a user's other tools (a shared model store, a web server) then cannot read."""
+    folder = Path(folder)
+    mask = current_umask()
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
+    os.chmod(folder, 0o777 & ~mask)
+    return folder
+
+
 def replace_dir(staging: str | Path, final: str | Path, prefix: str = STAGING_PREFIX) -> Path:
     """Move a finished folder into place; an existing `final` is swapped out first, then removed."""
     staging, final = Path(staging), Path(final)
@@ -114,3 +144,13 @@ def digest(*parts: Any, length: int = 16) -> str:
     """Short stable hash of JSON-able parts (key order ignored): a cache entry is reused only if it matches."""
     payload = json.dumps(json_safe(list(parts)), sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:length]
+
+
+def decode_utf8(raw: bytes, where: str | Path, error: type[Exception] = ValueError, first_line: int = 1) -> str:
+    """`raw` as UTF-8 text; otherwise `error` naming `where` and the line of the first undecodable byte
+    (`first_line`: the line `raw` starts on), so every reader reports bad bytes the same way."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = first_line + raw.count(b"\n", 0, err.start)
+        raise error(f"{where}:{line}: not UTF-8 text (byte {raw[err.start]:#x})") from err

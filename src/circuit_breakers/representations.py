@@ -1,8 +1,10 @@
 """Capture the hidden states of chosen layers, running only the decoder body (never the LM head).
 
 Indexing follows transformers' `hidden_states`: index 0 is the embedding output and index i is the
-output of decoder block i-1. Forward hooks collect just the requested indices, so nothing else is
-stacked or kept, and the forward pass stops right after the deepest one.
+output of decoder block i-1, always before the final norm (transformers' last index is after it; with
+blocks dropped for training, the deepest target is the last block kept and must stay un-normed).
+Forward hooks collect just the requested indices, so nothing else is stacked or kept, and the forward
+pass stops right after the deepest one.
 """
 
 from __future__ import annotations

@@ -59,15 +59,21 @@ def eval_command(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be at least 1")
+    for flag in ("batch_size", "max_new_tokens"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
 
     from pathlib import Path
 
+    from ..config import check_model_path
     from ..data.records import read_records
     from ..evaluation.compare import evaluate_models
     from ..evaluation.report import summary_table, write_results
     from ..evaluation.suite import judge_spec, load_suite, model_specs
 
     models = model_specs(args.model)
+    for path in models.values():
+        check_model_path(path)
     judge, judge_options = judge_spec(args.judge)
     suite = load_suite(args.benchmark or ["harmbench"], args.limit, args.seed, args.data_dir)
     benign = read_records(args.benign) if args.benign else None

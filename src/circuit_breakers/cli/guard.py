@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from .console import console
+
+API_KEY_ENV = "CIRCUIT_BREAKERS_API_KEY"
 
 
 def probe_command(argv: list[str]) -> int:
@@ -66,7 +69,23 @@ def serve_command(argv: list[str]) -> int:
     parser.add_argument("--max_time", type=float, default=60.0, help="seconds one generation may take")
     parser.add_argument("--max_new_tokens", type=int, default=512)
     parser.add_argument("--refusal", default=None, help="text that replaces a halted answer")
+    parser.add_argument(
+        "--max_body_bytes", type=int, default=1_048_576, help="larger request bodies get HTTP 413 (default 1 MiB)"
+    )
+    parser.add_argument(
+        "--max_prompt_tokens", type=int, default=4096, help="longer prompts get HTTP 400 before they reach the model"
+    )
+    parser.add_argument(
+        "--api_key",
+        default=os.environ.get(API_KEY_ENV) or None,
+        help=f"require 'Authorization: Bearer KEY' (HTTP 401 without it); default: ${API_KEY_ENV}, else none",
+    )
     args = parser.parse_args(argv)
+    for name in ("max_queue", "max_new_tokens", "max_body_bytes", "max_prompt_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if not args.max_time > 0:  # also NaN
+        raise ValueError(f"--max_time must be a positive number of seconds, got {args.max_time}")
     from ..guard.probes import Probe, find_probe
     from ..guard.server import DEFAULT_REFUSAL, GuardedGenerator, load_served_model, run_server
 
@@ -75,7 +94,23 @@ def serve_command(argv: list[str]) -> int:
     probe = Probe.load(probe_dir) if probe_dir is not None else None
     console.print(f"[bold]guard[/] {probe_dir if probe else 'none'}")
     generator = GuardedGenerator(
-        model, tokenizer, probe, args.refusal or DEFAULT_REFUSAL, args.max_time, args.max_new_tokens
+        model,
+        tokenizer,
+        probe,
+        args.refusal or DEFAULT_REFUSAL,
+        args.max_time,
+        args.max_new_tokens,
+        args.max_prompt_tokens,
     )
-    run_server(generator, args.name or args.model, args.host, args.port, args.max_queue)
+    if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[bold yellow]warning[/] {args.host} is reachable by others and no --api_key is set")
+    run_server(
+        generator,
+        args.name or args.model,
+        args.host,
+        args.port,
+        args.max_queue,
+        args.max_body_bytes,
+        args.api_key,
+    )
     return 0

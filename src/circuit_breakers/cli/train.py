@@ -10,6 +10,11 @@ import sys
 from .console import console
 from .launch import accelerate_launch_command, leave_process_group, pop_launch_flags, relaunch
 
+OVERWRITE_HELP = (
+    "replace OUT_DIR if it exists and holds anything (a model written earlier or other files): the whole folder "
+    "is replaced. Without it such a folder is refused and nothing is deleted"
+)
+
 
 def print_config_help(prog: str) -> None:
     """Every recipe key as a `--key` option: `run` and `train` take the same ones."""
@@ -60,8 +65,9 @@ def train_command(argv: list[str]) -> int:
 
 
 def merge_command(argv: list[str]) -> int:
-    """merge ADAPTER_DIR OUT_DIR [--base MODEL] [--dtype DTYPE]"""
+    """merge ADAPTER_DIR OUT_DIR [--base MODEL] [--dtype DTYPE] [--overwrite]"""
     from ..adapters import export_merged
+    from ..models import check_output_folder
 
     parser = argparse.ArgumentParser(
         prog="circuit-breakers merge", description="Merge an adapter into its full base model."
@@ -71,13 +77,15 @@ def merge_command(argv: list[str]) -> int:
     parser.add_argument("--base", help="base model (default: the adapter's base_model_name_or_path)")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--trust_remote_code", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = parser.parse_args(argv)
+    check_output_folder(args.out_dir, args.overwrite)  # before any work
     base = args.base
     if base is None:
         from peft import PeftConfig
 
         base = PeftConfig.from_pretrained(args.adapter_dir).base_model_name_or_path
-    out = export_merged(args.adapter_dir, base, args.out_dir, args.dtype, args.trust_remote_code)
+    out = export_merged(args.adapter_dir, base, args.out_dir, args.dtype, args.trust_remote_code, args.overwrite)
     console.print(f"[bold green]merged model[/] {out}")
     return 0
 
@@ -86,6 +94,7 @@ def interpolate_command(argv: list[str]) -> int:
     """interpolate START END OUT --data VAL: the largest step from START towards END within a capability budget"""
     from ..data.records import read_records
     from ..experiments.interpolate import DEFAULT_GRID, interpolate_within_budget, save_interpolation
+    from ..models import check_output_folder
 
     parser = argparse.ArgumentParser(
         prog="circuit-breakers interpolate",
@@ -104,13 +113,15 @@ def interpolate_command(argv: list[str]) -> int:
     parser.add_argument("--base", default="embedded", help="the base model the loss change is measured against")
     parser.add_argument("--max_loss_change", type=float, default=0.05, help="relative budget (0.05: +5%%)")
     parser.add_argument("--grid", default=",".join(f"{w:g}" for w in DEFAULT_GRID), help="weights to try (comma list)")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = parser.parse_args(argv)
+    check_output_folder(args.out_dir, args.overwrite)  # before the models are loaded and compared
     grid = [float(w) for w in args.grid.split(",")]
     model, result = interpolate_within_budget(
         args.start, args.end, read_records(args.data), args.base, args.max_loss_change, grid
     )
     for weight, change in result.tried:
         console.print(f"  w {weight:<4g} loss {change:+.1%}")
-    out = save_interpolation(model, result, args.out_dir)
+    out = save_interpolation(model, result, args.out_dir, args.overwrite)
     console.print(f"[bold green]w = {result.weight:g}[/] (loss {result.loss_change:+.1%}): {out}")
     return 0

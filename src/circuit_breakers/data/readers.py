@@ -12,17 +12,25 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .records import DataError, iter_jsonl
+from ..fileio import decode_utf8
+from .records import DataError, data_file, iter_jsonl
 
 __all__ = ["LineCounter", "existing_file", "json_items", "json_object", "read_csv", "text_field"]
 
 
 def existing_file(path: str | Path) -> Path:
     """`path` as a Path, or a `DataError` naming it when there is no such file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    return path
+    return data_file(path)
+
+
+def not_utf8(path: Path) -> DataError:
+    """The error for a file that is not UTF-8, naming the line of its first undecodable byte (a text
+    reader decodes ahead in blocks, so its position says nothing about the line)."""
+    try:
+        decode_utf8(path.read_bytes(), path, DataError)
+    except DataError as err:
+        return err
+    return DataError(f"{path}: not UTF-8 text")
 
 
 def read_csv(path: str | Path, required: Sequence[str]) -> Iterator[tuple[int, dict[str, str]]]:
@@ -34,6 +42,8 @@ def read_csv(path: str | Path, required: Sequence[str]) -> Iterator[tuple[int, d
             header = reader.fieldnames
         except csv.Error as err:
             raise DataError(f"{path}:1: unreadable CSV header ({err})") from err
+        except UnicodeDecodeError as err:
+            raise not_utf8(path) from err
         if not header:
             raise DataError(f"{path}:1: empty file (expected a header with {', '.join(required)})")
         missing = [c for c in required if c not in header]
@@ -47,6 +57,8 @@ def read_csv(path: str | Path, required: Sequence[str]) -> Iterator[tuple[int, d
                 return
             except csv.Error as err:
                 raise DataError(f"{path}:{reader.line_num}: unreadable CSV row ({err})") from err
+            except UnicodeDecodeError as err:
+                raise not_utf8(path) from err
             if None in row or any(v is None for v in row.values()):
                 raise DataError(f"{path}:{line}: expected {len(header)} fields, got a different number")
             yield line, row
@@ -84,10 +96,7 @@ def json_items(path: str | Path, key: str | None = None) -> list[tuple[int, Any]
         if key is not None:
             raise DataError(f"{path}: expected a JSON file with a `{key}` field, got JSONL")
         return list(iter_jsonl(path))
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err})") from err
+    text = decode_utf8(path.read_bytes(), path, DataError)
     decoder = json.JSONDecoder()
     lines = LineCounter(text)
 
@@ -99,6 +108,10 @@ def json_items(path: str | Path, key: str | None = None) -> list[tuple[int, Any]
             return decoder.raw_decode(text, pos)
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from err
+        except RecursionError as err:
+            raise fail(pos, "invalid JSON (nested too deeply)") from err
+        except ValueError as err:  # e.g. an integer with more digits than Python converts
+            raise fail(pos, f"invalid JSON ({str(err)[:200]})") from err
 
     pos = _skip_ws(text, 0)
     if key is not None:  # walk the top-level object to the value of `key`

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..fileio import write_jsonl_atomic
+from ..fileio import decode_utf8, write_jsonl_atomic
 
 Kind = Literal["circuit_breaker", "retain", "refusal_retain"]
 KINDS: tuple[str, ...] = ("circuit_breaker", "retain", "refusal_retain")
@@ -46,6 +46,12 @@ class Record:
                 raise DataError(f"message {i} needs a role in {sorted(ROLES)}")
             if not isinstance(message.get("content", ""), (str, type(None), list)):
                 raise DataError(f"message {i} content must be text")
+        turns = [m["role"] for m in self.messages if m["role"] != "system"]
+        if turns[:1] == ["assistant"] and "user" in turns:
+            raise DataError(
+                "the chat starts with an assistant turn before the first user turn; chat templates expect the "
+                "user to speak first (a completion alone, with no user turn, is allowed)"
+            )
         index = self.completion_turn
         if self.messages[index]["role"] != "assistant":
             raise DataError(f"completion turn {index} is not an assistant turn")
@@ -106,19 +112,39 @@ class Record:
         )
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line; a malformed line raises DataError naming it."""
+def data_file(path: str | Path) -> Path:
+    """`path` as a Path when it is a file; a DataError saying what it is otherwise."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not a file")
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number}: invalid JSON ({err.msg})") from err
+    return path
+
+
+def parse_jsonl_line(path: Path, number: int, raw: bytes) -> Any:
+    """The JSON value on one line (None for a blank line); undecodable text, invalid JSON, values nested
+    too deeply or numbers too long raise a DataError naming the file and line."""
+    line = decode_utf8(raw, path, DataError, number)
+    if not line.strip():
+        return None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{number}: invalid JSON ({err.msg})") from err
+    except RecursionError as err:
+        raise DataError(f"{path}:{number}: invalid JSON (nested too deeply)") from err
+    except ValueError as err:  # e.g. an integer with more digits than Python converts
+        raise DataError(f"{path}:{number}: invalid JSON ({str(err)[:200]})") from err
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line; a malformed line raises DataError naming it."""
+    path = data_file(path)
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            if raw.strip():
+                yield number, parse_jsonl_line(path, number, raw)
 
 
 def read_records(path: str | Path, kind: Kind | None = None, dropped: Counter | None = None) -> list[Record]:
@@ -127,21 +153,22 @@ def read_records(path: str | Path, kind: Kind | None = None, dropped: Counter | 
     With `dropped` given, bad rows (invalid JSON, invalid record) are counted there under "malformed"
     and skipped instead of raising, so a training run or `data inspect` survives a few bad lines.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
+    path = data_file(path)
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            if not raw.strip():
                 continue
             try:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"invalid JSON ({err.msg})") from err
+                row = parse_jsonl_line(path, number, raw)
+            except DataError:
+                if dropped is None:
+                    raise
+                dropped["malformed"] += 1
+                continue
+            try:
                 records.append(Record.from_dict(row, kind))
-            except (DataError, TypeError, ValueError) as err:
+            except (TypeError, ValueError) as err:
                 if dropped is None:
                     raise DataError(f"{path}:{number}: {err}") from err
                 dropped["malformed"] += 1

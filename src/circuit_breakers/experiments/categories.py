@@ -206,7 +206,9 @@ def category_experiment(
     sources = json.dumps([[str(p), (p / "adapter_model.safetensors").stat().st_mtime_ns] for p in parts])
     stamp = adapters_dir / COMBINED / "sources.json"  # rebuilt when an adapter was retrained
     if not combined.is_dir() or not stamp.is_file() or stamp.read_text(encoding="utf-8") != sources:
-        export_merged(parts, model_cfg.model_name_or_path, combined, model_cfg.dtype, model_cfg.trust_remote_code)
+        export_merged(
+            parts, model_cfg.model_name_or_path, combined, model_cfg.dtype, model_cfg.trust_remote_code, overwrite=True
+        )
         stamp.write_text(sources, encoding="utf-8")
     models[COMBINED] = str(combined)
     first, second = categories[:2]

@@ -115,10 +115,10 @@ def interpolate_within_budget(
     raise InterpolationError(f"no weight keeps the loss change within {max_loss_change:+.1%} ({table})")
 
 
-def save_interpolation(model: nn.Module, result: Interpolation, out_dir: str | Path) -> Path:
+def save_interpolation(model: nn.Module, result: Interpolation, out_dir: str | Path, overwrite: bool = False) -> Path:
     """The chosen model, the start model's tokenizer and `interpolation.json` (the weight and the
-    readings behind it)."""
+    readings behind it). An `out_dir` holding anything is replaced only with `overwrite`."""
     from ..models import load_tokenizer, save_model
 
     record = json.dumps(asdict(result), indent=2)
-    return save_model(model, load_tokenizer(result.start), out_dir, {"interpolation.json": record})
+    return save_model(model, load_tokenizer(result.start), out_dir, {"interpolation.json": record}, overwrite)

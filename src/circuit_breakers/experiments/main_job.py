@@ -200,6 +200,24 @@ def recipe_settings(model_cfg: ModelConfig, data_cfg: DataConfig, cb_cfg: Circui
     return {"model": asdict(model_cfg), "data": asdict(data_cfg), "train": cb_cfg.to_dict()}
 
 
+def check_evaluation_settings(run_cfg: RunConfig) -> None:
+    """Attack names, attack budget and judge name checked before any stage runs (or a run folder is made),
+    so a typo fails in a second instead of after the data and training stages."""
+    from ..evaluation.attacks import ATTACKS, BUDGETS
+    from ..evaluation.judges import JUDGES
+
+    attacks = [a.strip() for a in run_cfg.attacks.split(",") if a.strip()]
+    if not attacks:
+        raise ValueError(f"attacks is empty; choose from {sorted(ATTACKS)}")
+    for name in attacks:
+        if name not in ATTACKS:
+            raise ValueError(f"attacks: unknown attack {name!r}; choose from {sorted(ATTACKS)}")
+    if run_cfg.attack_budget not in BUDGETS:
+        raise ValueError(f"attack_budget must be one of {list(BUDGETS)}, got {run_cfg.attack_budget!r}")
+    if run_cfg.judge not in JUDGES:
+        raise ValueError(f"judge: unknown judge {run_cfg.judge!r}; choose one of {sorted(JUDGES)}")
+
+
 def run_pipeline(
     model_cfg: ModelConfig, data_cfg: DataConfig, cb_cfg: CircuitBreakerConfig, run_cfg: RunConfig
 ) -> Path:
@@ -207,6 +225,7 @@ def run_pipeline(
     from ..models import resolve_model_path
     from ..training.run import train
 
+    check_evaluation_settings(run_cfg)
     root = Path(run_cfg.runs_dir) / run_cfg.run_id
     run = Run(root)
     data_dir, train_dir = root / "data", root / "train"

@@ -250,10 +250,12 @@ class ProbeMonitor(StoppingCriteria):
 
     A forward hook on the probe's layer keeps the hidden state of each step's last position. With a KV
     cache that is the token fed in at that step: the first call sees the prompt's last token (not
-    judged: the probe was trained on completion tokens), each later call the newest generated token.
-    A row is halted when the mean probability of its last `window` judged tokens exceeds the threshold
-    (never before `window` tokens). `fired[i]` says whether row i was halted; `scores[i]` is its
-    largest window mean so far.
+    judged: the probe was trained on completion tokens), each later call the previous generated token.
+    A row is halted while generating when the mean probability of its last `window` judged tokens
+    exceeds the threshold. `generate` never computes the hidden state of the last token it returns, so
+    call `finish` after it (still inside `attached()`): it judges that token with one more cached step,
+    and an answer shorter than `window` on the mean of all its tokens, exactly as `window_score` scores
+    it for calibration. `fired[i]` says whether row i was halted; `scores[i]` is its largest window mean.
     """
 
     def __init__(self, model: nn.Module, probe: Probe) -> None:
@@ -261,6 +263,7 @@ class ProbeMonitor(StoppingCriteria):
         self.layer, self.window = probe.settings.layer, probe.settings.window
         self._last: Tensor | None = None
         self._calls = 0
+        self._judged = 0
         self._history: list[Tensor] = []
         self.fired: Tensor | None = None
         self.scores: Tensor | None = None
@@ -281,7 +284,8 @@ class ProbeMonitor(StoppingCriteria):
             handle = blocks[self.layer - 1].register_forward_hook(
                 lambda m, a, k, o: self._hook(m, a, k, o), with_kwargs=True
             )
-        self._last, self._calls, self._history, self.fired, self.scores = None, 0, [], None, None
+        self._last, self._calls, self._judged, self._history = None, 0, 0, []
+        self.fired, self.scores = None, None
         try:
             yield self
         finally:
@@ -294,13 +298,44 @@ class ProbeMonitor(StoppingCriteria):
             self.scores = torch.zeros(batch, device=input_ids.device)
         self._calls += 1
         if self._calls > 1 and self._last is not None:
-            prob = self.probe.probability(self._last.to(self.probe.mean.device)).to(input_ids.device)
-            self._history = [*self._history[-(self.window - 1) :], prob] if self.window > 1 else [prob]
-            if len(self._history) == self.window:
-                mean = torch.stack(self._history).mean(dim=0)
-                self.scores = torch.maximum(self.scores, mean)
-                self.fired |= mean > self.probe.settings.threshold
+            self._judge(self._last, input_ids.device)
         return self.fired.clone()
+
+    def _judge(self, state: Tensor, device: torch.device) -> None:
+        """Score one token per row and apply the full-window test."""
+        assert self.fired is not None and self.scores is not None
+        prob = self.probe.probability(state.to(self.probe.mean.device)).to(device)
+        self._history = [*self._history[-(self.window - 1) :], prob] if self.window > 1 else [prob]
+        self._judged += 1
+        if len(self._history) == self.window:
+            mean = torch.stack(self._history).mean(dim=0)
+            self.scores = torch.maximum(self.scores, mean)
+            self.fired |= mean > self.probe.settings.threshold
+
+    @torch.no_grad()
+    def finish(self, sequences: Tensor, past_key_values: Any = None) -> None:
+        """After `generate` (inside `attached()`): judge the last generated token, which `generate` never
+        fed through the model, with one cached step (a full forward when there is no cache); then, for an
+        answer shorter than the window, judge the mean of all its tokens. Rows already halted stay so."""
+        if self.fired is None or self.scores is None or bool(self.fired.all()):
+            return  # nothing generated, or every row already halted
+        self._last = None
+        device = sequences.device
+        if past_key_values is not None:
+            self.model(
+                input_ids=sequences[:, -1:],
+                attention_mask=torch.ones_like(sequences),
+                past_key_values=past_key_values,
+                use_cache=True,
+            )
+        else:
+            self.model(input_ids=sequences, attention_mask=torch.ones_like(sequences), use_cache=False)
+        if self._last is not None:
+            self._judge(self._last, device)
+        if 0 < self._judged < self.window:  # a partial window: all the tokens there are
+            mean = torch.stack(self._history).mean(dim=0)
+            self.scores = torch.maximum(self.scores, mean)
+            self.fired |= mean > self.probe.settings.threshold
 
 
 def probe_device(probe: Probe, model: nn.Module) -> Probe:

@@ -22,7 +22,7 @@ from transformers import Trainer, TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint
 
-from ..fileio import STAGING_PREFIX, replace_dir
+from ..fileio import STAGING_PREFIX, replace_dir, umask_permissions
 from .callbacks import StepEnd
 
 logger = logging.getLogger("circuit_breakers")
@@ -63,6 +63,11 @@ class BaseTrainer(Trainer):
         self._stop_signal: int | None = None  # set by the handler; acted on at the next step end
         self.stopped_by: int | None = None
         self.add_callback(StepEnd(self))
+
+    def checkpoint_note(self) -> str:
+        """For an error that stops training: which checkpoint is intact, or that none was written yet."""
+        last = self.state.best_model_checkpoint or last_checkpoint(self.args.output_dir)
+        return f"the last checkpoint {last} is intact" if last else "no checkpoint was written yet"
 
     def outside_parameters(self) -> list[Tensor]:
         """Parameters trained beside the model, whose gradients Trainer does not clear (none here)."""
@@ -172,6 +177,7 @@ class BaseTrainer(Trainer):
                 f"{previous or '(none)'} is intact. Free space, then resume with --resume_from_checkpoint last"
             ) from error
         if self.args.should_save:
+            umask_permissions(staging / name)  # safetensors writes its files 0600
             final = replace_dir(staging / name, run_dir / name)  # the same step saved twice (a resume): replaced whole
             shutil.rmtree(staging, ignore_errors=True)
             if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint).parent == staging:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 from jinja2 import TemplateError
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase, TrainingArguments, set_seed
@@ -26,7 +27,7 @@ from ..data.batching import PairedCollator, PairedDataset
 from ..data.records import DataError, Record, iter_jsonl, read_records
 from ..data.render import DropRow, RenderResult, render, render_all
 from ..data.report import mask_report, print_mask_report, save_mask_report
-from ..fileio import STAGING_PREFIX, replace_dir, write_jsonl_atomic, write_text_atomic
+from ..fileio import STAGING_PREFIX, replace_dir, umask_permissions, write_jsonl_atomic, write_text_atomic
 from ..models import (
     ModelError,
     default_target_layers,
@@ -37,6 +38,7 @@ from ..models import (
     validate_layers,
 )
 from .base import CheckpointError, last_checkpoint
+from .callbacks import TrainingDiverged
 from .trainer import CircuitBreakerTrainer, resolve_retain_layers
 
 logger = logging.getLogger("circuit_breakers")
@@ -324,12 +326,15 @@ def export_adapter(
     staging = adapter_dir.with_name(f"{STAGING_PREFIX}{adapter_dir.name}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        model.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+        model.save_pretrained(staging, state_dict=state_dict, safe_serialization=True, save_embedding_layers=False)
         write_model_card(staging, base_model, card)
-        _check_adapter(staging)
+        _check_adapter(staging, trainer.checkpoint_note())
+        umask_permissions(staging)
         replace_dir(staging, adapter_dir)
-    except OSError as err:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
+        if not isinstance(err, OSError):
+            raise
         last = last_checkpoint(adapter_dir.parent)
         reason = f"disk full ({err.filename or adapter_dir})" if err.errno == errno.ENOSPC else str(err)
         raise CheckpointError(
@@ -338,14 +343,22 @@ def export_adapter(
         ) from err
 
 
-def _check_adapter(adapter_dir: Path) -> None:
-    """An exported adapter must hold real tensors: empty ones mean sharded weights were not gathered."""
+def _check_adapter(adapter_dir: Path, checkpoint_note: str = "") -> None:
+    """An exported adapter must hold real tensors: empty ones mean sharded weights were not gathered,
+    non-finite ones that training diverged (TrainingDiverged: such an adapter is never exported)."""
     from safetensors.torch import load_file
 
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
     empty = [k for k, t in tensors.items() if t.numel() == 0]
     if empty or not tensors:
         raise CheckpointError(f"exported adapter has empty tensors ({empty[:3]}): sharded weights were not gathered")
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise TrainingDiverged(
+            f"the trained adapter holds non-finite values (NaN or inf) in {len(bad)} of {len(tensors)} tensors "
+            f"(e.g. {bad[0]}): training diverged, nothing was exported; {checkpoint_note or 'see the checkpoints'}. "
+            "Lower learning_rate or alpha, or use float32."
+        )
     if all(t.abs().sum() == 0 for k, t in tensors.items() if "lora_B" in k):
         logger.warning("every lora_B in the exported adapter is zero: the adapter changes nothing")
 
@@ -369,6 +382,11 @@ def train(
             load_sets(data_cfg)  # raises the usual message
         cb_labelled = read_labelled(data_cfg.cb_data, "circuit_breaker")
         retain_labelled = read_labelled(data_cfg.retain_data)
+        if Path(data_cfg.cb_data).resolve() == Path(data_cfg.retain_data).resolve():
+            raise DataError(
+                f"cb_data and retain_data are the same file ({data_cfg.cb_data}): the rerouting and retain "
+                "losses would pull the same rows in opposite directions; give two different files"
+            )
     else:
         cb_labelled = [(f"circuit-breaker record {i + 1}", r) for i, r in enumerate(cb_records)]
         retain_labelled = [(f"retain record {i + 1}", r) for i, r in enumerate(retain_records)]
@@ -444,6 +462,7 @@ def train(
                         out / "merged",
                         model_cfg.dtype,
                         model_cfg.trust_remote_code,
+                        overwrite=True,  # this run's own merged model; the folder's run was checked above
                     )
                 write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, default=str))
                 write_jsonl_atomic(out / "train_log.jsonl", trainer.state.log_history)

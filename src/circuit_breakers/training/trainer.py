@@ -387,10 +387,10 @@ class CircuitBreakerTrainer(BaseTrainer):
                     total = total + loss.detach()
                 del adapted, adapted_cb, adapted_r, cos_adapted, loss
         if not torch.isfinite(total):  # once per step (one sync); the optimizer has not stepped yet
-            checkpoint = self.state.best_model_checkpoint or "the last checkpoint in " + str(args.output_dir)
+            checkpoint = self.checkpoint_note()
             raise TrainingDiverged(
                 f"loss became {float(total)} at step {step} (rerouting {float(stats['loss_rerouting'])}, retain "
-                f"{float(stats['loss_retain'])}); training stopped, {checkpoint} is intact. Lower learning_rate "
+                f"{float(stats['loss_retain'])}); training stopped, {checkpoint}. Lower learning_rate "
                 "or alpha, or use float32."
             )
         stats["chunks"] = torch.tensor(float(len(chunks)))
