@@ -107,3 +107,36 @@ def test_the_deepest_index_is_the_last_block_before_the_final_norm(arch):
     norm = model.model.norm if arch == "llama" else model.transformer.ln_f
     assert not torch.allclose(ours, ref, atol=1e-4)
     assert torch.allclose(norm(ours), ref, atol=1e-5)
+
+
+def hybrid_model(kind: str) -> torch.nn.Module:
+    """Tiny Jamba / RecurrentGemma: their configs derive the layer types from the depth (read-only)."""
+    from transformers import AutoModelForCausalLM, JambaConfig, RecurrentGemmaConfig
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4)
+    if kind == "jamba":
+        config = JambaConfig(
+            **common,
+            num_key_value_heads=2,
+            num_experts=2,
+            expert_layer_period=2,
+            attn_layer_period=2,
+            attn_layer_offset=1,
+            mamba_d_state=4,
+            mamba_dt_rank=4,
+        )
+    else:
+        config = RecurrentGemmaConfig(**common, num_key_value_heads=2, lru_width=32, attention_window_size=8)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("kind", ["jamba", "recurrent_gemma"])
+def test_truncation_of_models_whose_layer_types_follow_the_depth(kind):
+    model = hybrid_model(kind)
+    ids = torch.randint(3, 200, (1, 6))
+    mask = torch.ones_like(ids)
+    before = hidden_states(model, ids, mask, [2])[2]
+    dropped = models.truncate_layers(model, 2)
+    assert len(dropped) == 2 and models.num_layers(model) == 2
+    assert torch.allclose(hidden_states(model, ids, mask, [2])[2], before, atol=1e-6)

@@ -260,9 +260,17 @@ def truncate_layers(model: nn.Module, keep: int) -> nn.ModuleList:
     setattr(parent, attr, nn.ModuleList(list(layers)[:keep]))
     config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
     config.num_hidden_layers = keep
-    if getattr(config, "layer_types", None):
+    if getattr(config, "layer_types", None) and settable(config, "layer_types"):
         config.layer_types = list(config.layer_types)[:keep]
     return dropped
+
+
+def settable(obj: object, name: str) -> bool:
+    """Whether `obj.name` can be assigned: some configs (Jamba, RecurrentGemma) derive their layer types
+    from `num_hidden_layers` through a read-only property, which then follows the new depth by itself."""
+    name = getattr(obj, "attribute_map", {}).get(name, name)  # a config's alias for another attribute
+    attribute = getattr(type(obj), name, None)
+    return not isinstance(attribute, property) or attribute.fset is not None
 
 
 def check_output_folder(out_dir: str | Path, overwrite: bool = False) -> None:
