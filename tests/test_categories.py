@@ -8,7 +8,7 @@ import torch
 from peft import PeftModel
 
 from circuit_breakers.adapters import COMBINED, add_lora, combine_adapters, export_merged, load_adapters
-from circuit_breakers.config import ConfigError, ModelConfig, parse_config
+from circuit_breakers.config import ConfigError, ModelConfig
 from circuit_breakers.data.prompts import Prompt, read_prompts
 from circuit_breakers.data.records import Record
 from circuit_breakers.experiments.categories import (
@@ -19,6 +19,7 @@ from circuit_breakers.experiments.categories import (
     specificity,
 )
 from circuit_breakers.models import load_model
+from circuit_breakers.recipes import parse_config
 from helpers import save_tiny
 
 

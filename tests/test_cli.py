@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from circuit_breakers.cli.main import main
-from circuit_breakers.config import ConfigError, parse_config
+from circuit_breakers.config import ConfigError
+from circuit_breakers.recipes import parse_config
 from helpers import save_tiny
 
 

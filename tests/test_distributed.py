@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from circuit_breakers.cli.launch import accelerate_launch_command
 from circuit_breakers.cli.main import main
-from circuit_breakers.config import ACCELERATE_CONFIGS_DIR, ConfigError, accelerate_config_path, parse_config
+from circuit_breakers.config import ACCELERATE_CONFIGS_DIR, ConfigError
+from circuit_breakers.recipes import accelerate_config_path, parse_config
 from circuit_breakers.training.run import train
 from helpers import save_tiny
 

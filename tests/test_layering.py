@@ -13,7 +13,7 @@ PACKAGE = "circuit_breakers"
 
 # Low to high. A module may import its own layer and the layers below it, never one above.
 LAYERS: list[tuple[str, ...]] = [
-    ("config", "fileio"),
+    ("config", "fileio", "recipes"),
     ("models",),
     ("adapters", "losses", "representations", "generation", "data"),
     ("training",),

@@ -12,9 +12,10 @@ import torch
 
 from circuit_breakers.adapters import add_lora
 from circuit_breakers.cli.main import main
-from circuit_breakers.config import ConfigError, ModelConfig, parse_config
+from circuit_breakers.config import ConfigError, ModelConfig
 from circuit_breakers.fileio import current_umask
 from circuit_breakers.models import ModelError, convert_gguf, load_model, save_model
+from circuit_breakers.recipes import parse_config
 from circuit_breakers.training import TrainingDiverged
 from circuit_breakers.training.run import train
 from helpers import make_model, make_tokenizer, save_tiny

@@ -19,9 +19,10 @@ import torch
 from safetensors.torch import load_file
 
 from circuit_breakers.cli.main import main
-from circuit_breakers.config import ConfigError, parse_config
+from circuit_breakers.config import ConfigError
 from circuit_breakers.data.records import DataError
 from circuit_breakers.models import ModelError, load_model
+from circuit_breakers.recipes import parse_config
 from circuit_breakers.training import CheckpointError, TrainingInterrupted
 from circuit_breakers.training.run import RUN_FILE, layer_plan, train
 from helpers import save_tiny
@@ -119,7 +120,7 @@ def reference(setup):
 CHILD = textwrap.dedent("""
     import sys, time
     from transformers import TrainerCallback
-    from circuit_breakers.config import parse_config
+    from circuit_breakers.recipes import parse_config
     from circuit_breakers.training.run import train
     from circuit_breakers.training import TrainingInterrupted
 

@@ -299,7 +299,7 @@ def test_a_ledger_keyed_by_an_older_digest_keeps_its_points_own_work(toy_sweep, 
 def test_data_stage_key_is_the_one_the_pipeline_records(toy_sweep):
     """sweep.data_stage_key mirrors run_pipeline's data key: if they drift apart, this says so."""
     root, args, _ = toy_sweep
-    from circuit_breakers.config import parse_run_config
+    from circuit_breakers.recipes import parse_run_config
 
     overrides = args[args.index("--model_name_or_path") :]  # what the sweep put on top of each point's recipe
     configs = parse_run_config(overrides, recipe=root / "max_steps=1" / "recipe.yaml")
@@ -334,7 +334,7 @@ def test_data_from_takes_an_existing_runs_data_when_its_settings_match(toy_sweep
 
 def test_command_line_settings_are_read_as_recipe_values():
     """`--key value` arguments become recipe settings typed as a recipe's values, so library code never sees argv."""
-    from circuit_breakers.config import parse_settings, settings_from_args
+    from circuit_breakers.recipes import parse_settings, settings_from_args
 
     settings = settings_from_args(
         [

@@ -8,9 +8,9 @@ import torch
 from peft import PeftModel
 from transformers import TrainerControl, TrainerState
 
-from circuit_breakers.config import parse_config
 from circuit_breakers.data.records import Record
 from circuit_breakers.models import load_model, num_layers
+from circuit_breakers.recipes import parse_config
 from circuit_breakers.training import StallCheck, TrainingDiverged
 from circuit_breakers.training.run import train
 from helpers import save_tiny

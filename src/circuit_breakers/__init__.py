@@ -21,8 +21,8 @@ _EXPORTS: dict[str, str] = {
     "CircuitBreakerConfig": "config",
     "RunConfig": "config",
     "ConfigError": "config",
-    "parse_config": "config",
-    "parse_run_config": "config",
+    "parse_config": "recipes",
+    "parse_run_config": "recipes",
     # models and adapters
     "load_model_and_tokenizer": "models",
     "load_model": "models",
@@ -82,15 +82,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .adapters import combine_adapters, export_merged, load_adapters
-    from .config import (
-        CircuitBreakerConfig,
-        ConfigError,
-        DataConfig,
-        ModelConfig,
-        RunConfig,
-        parse_config,
-        parse_run_config,
-    )
+    from .config import CircuitBreakerConfig, ConfigError, DataConfig, ModelConfig, RunConfig
     from .data.prompts import Prompt
     from .data.records import Record, read_records, write_records
     from .evaluation.attacks import ATTACKS, make_attack
@@ -109,4 +101,5 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .generation import generate
     from .guard.probes import Probe, fit_probe
     from .models import load_model, load_model_and_tokenizer, load_tokenizer
+    from .recipes import parse_config, parse_run_config
     from .training.run import TrainResult, train

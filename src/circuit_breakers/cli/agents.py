@@ -69,8 +69,8 @@ def agents_command(argv: list[str]) -> int:
         console.print_json(json.dumps(case_counts(cases)))
         console.print(f"[bold green]cases[/] {args.out}")
         return 0
-    from ..config import parse_config
     from ..experiments.agents import agent_experiment, read_agent_result, save_agent_result
+    from ..recipes import parse_config
 
     recipe = rest if "--config" in rest else ["--config", "agent-embedded", *rest]  # overrides apply to the recipe
     model_cfg, data_cfg, cb_cfg = parse_config(recipe)
@@ -99,7 +99,7 @@ def with_settings(result: dict[str, Any]) -> dict[str, Any]:
     so `--base_from` still compares the same settings."""
     if "settings" in result or not isinstance(result.get("config"), list):
         return result
-    from ..config import parse_config
     from ..experiments.main_job import recipe_settings
+    from ..recipes import parse_config
 
     return {**result, "settings": recipe_settings(*parse_config(list(result["config"])))}

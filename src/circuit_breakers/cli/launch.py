@@ -42,7 +42,8 @@ def accelerate_launch_command(
     import torch
     import yaml
 
-    from ..config import ACCELERATE_CONFIGS_DIR, accelerate_config_path
+    from ..config import ACCELERATE_CONFIGS_DIR
+    from ..recipes import accelerate_config_path
 
     path = accelerate_config_path(config)
     settings = yaml.safe_load(path.read_text(encoding="utf-8")) or {}

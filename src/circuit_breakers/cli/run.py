@@ -10,8 +10,8 @@ from .train import print_config_help
 
 def run_command(argv: list[str]) -> int:
     """run [recipe.yaml] [--any_field value ...]: data -> train -> merge -> evaluate -> report"""
-    from ..config import parse_run_config
     from ..experiments.main_job import run_pipeline
+    from ..recipes import parse_run_config
 
     if any(a in ("-h", "--help") for a in argv):
         print_config_help("circuit-breakers run [RECIPE]")
@@ -27,8 +27,8 @@ def run_command(argv: list[str]) -> int:
 
 def sweep_command(argv: list[str]) -> int:
     """sweep [recipe.yaml] --grid KEY=V1|V2 [--grid ...] [--any_field value ...]: the main job over a grid, one table"""
-    from ..config import settings_from_args
     from ..experiments.sweep import GRID_HELP, parse_grid, run_sweep
+    from ..recipes import settings_from_args
 
     parser = argparse.ArgumentParser(
         prog="circuit-breakers sweep",

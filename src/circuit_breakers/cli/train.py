@@ -20,14 +20,14 @@ def print_config_help(prog: str) -> None:
     """Every recipe key as a `--key` option: `run` and `train` take the same ones."""
     from transformers import HfArgumentParser
 
-    from ..config import CONFIG_CLASSES
+    from ..recipes import CONFIG_CLASSES
 
     HfArgumentParser(CONFIG_CLASSES, prog=prog).print_help()
 
 
 def train_command(argv: list[str]) -> int:
     """train --config recipe.yaml [--any_field value ...] [--accelerate-config ddp|fsdp2|deepspeed_zero2|deepspeed_zero3|PATH]"""  # noqa: E501
-    from ..config import parse_config
+    from ..recipes import parse_config
     from ..training import CheckpointError, TrainingDiverged, TrainingInterrupted
     from ..training.run import train
 

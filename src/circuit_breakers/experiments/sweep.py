@@ -27,17 +27,10 @@ from typing import Any
 
 import yaml
 
-from ..config import (
-    ConfigError,
-    check_settings,
-    load_recipe,
-    parse_run_config,
-    parse_settings,
-    unknown_key_error,
-    valid_keys,
-)
+from ..config import ConfigError
 from ..fileio import digest as settings_digest
 from ..fileio import write_text_atomic
+from ..recipes import check_settings, load_recipe, parse_run_config, parse_settings, unknown_key_error, valid_keys
 from .main_job import Run, run_pipeline
 from .main_job import data_stage_key as pipeline_data_key
 
