@@ -21,7 +21,7 @@ from pathlib import Path
 from circuit_breakers.data.generate import generate_completions
 from circuit_breakers.data.prompts import load_builtin_prompts
 from circuit_breakers.data.records import read_records
-from circuit_breakers.experiments.main_job import split_prompts
+from circuit_breakers.data.sources import split_prompts
 from circuit_breakers.models import load_model_and_tokenizer
 
 

@@ -13,7 +13,7 @@ PACKAGE = "circuit_breakers"
 
 # Low to high. A module may import its own layer and the layers below it, never one above.
 LAYERS: list[tuple[str, ...]] = [
-    ("config", "fileio", "recipes"),
+    ("config", "fileio", "locks", "recipes"),
     ("models",),
     ("adapters", "losses", "representations", "generation", "data"),
     ("training",),

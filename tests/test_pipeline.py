@@ -9,7 +9,8 @@ from circuit_breakers.cli.main import main
 from circuit_breakers.config import CircuitBreakerConfig
 from circuit_breakers.data.prompts import Prompt, read_prompts
 from circuit_breakers.data.records import read_records
-from circuit_breakers.experiments.main_job import Run, Stage, split_prompts
+from circuit_breakers.data.sources import split_prompts
+from circuit_breakers.experiments.main_job import Run, Stage
 from helpers import save_tiny
 
 TOY = [
@@ -129,6 +130,12 @@ def test_toy_run_writes_every_output(toy_run):
     assert set(results["metrics"]["capability"]) == {"base", "circuit_broken"}
     samples = [json.loads(line) for line in (root / "samples.jsonl").read_text().splitlines()]
     assert {s["model"] for s in samples} == {"base", "circuit_broken"}
+    # per-source table inputs: the sources' account, ASR per source, the trigger rate on held-out and benign
+    assert results["sources"]["train"] == {"harmbench": 6} and results["sources"]["held_out"] == {"harmbench": 4}
+    assert set(results["metrics"]["asr_by_source"]["direct"]["base"]) == {"harmbench"}
+    fired = results["trigger_rate"]["circuit_broken"]
+    assert set(fired) == {"harmbench", "benign (held-out)"} and fired["benign (held-out)"]["n"] == 3
+    assert all(0 <= v["rate"] <= 1 and -1 <= v["mean_cosine"] <= 1 for v in fired.values())
 
 
 def test_held_out_prompts_never_trained_on(toy_run):
@@ -158,6 +165,8 @@ def test_second_run_reuses_stages_and_eval_change_reruns_only_evaluation(toy_run
     monkeypatch.setattr(pipeline, "evaluate_stage", lambda *a, **k: evaluated.append(a))
     assert main([*args, "--attacks", "direct"]) == 0
     assert len(evaluated) == 1
+    assert main([*args, "--attacks", "direct", "--trigger_threshold", "0.3"]) == 0  # the trigger rate is evaluation
+    assert len(evaluated) == 2
 
 
 def test_changed_training_setting_retrains_over_the_old_folder_and_keeps_the_data(toy_run, monkeypatch):

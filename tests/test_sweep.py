@@ -371,3 +371,21 @@ def test_command_line_settings_are_read_as_recipe_values():
     assert data_cfg.max_length == 256  # the recipe's value where no setting overrides it
     with pytest.raises(ConfigError, match="alpha must be a number"):
         parse_settings({"alpha": "x"}, recipe="embedded")
+
+
+def test_the_table_shows_each_points_worst_held_out_source():
+    def point(name, per_source):
+        asr = {"direct": {"base": 0.9, "circuit_broken": 0.1}}
+        return {
+            "name": name,
+            "status": "done",
+            "overrides": {"alpha": name},
+            "metrics": {"asr": asr, "asr_by_source": {"direct": per_source}},
+        }
+
+    doc = {"grid": {"alpha": [1, 2]}, "points": [point(1, {"a": 0.0, "b": 0.4}), point(2, {"a": 0.2, "b": 0.1})]}
+    header, rows, _ = sweep.sweep_rows(doc)
+    column = header.index("worst source direct")
+    assert [row[column] for row in rows] == ["40% b", "20% a"]
+    one_source = {"grid": doc["grid"], "points": [point(1, {"a": 0.0})]}
+    assert "worst source direct" not in sweep.sweep_rows(one_source)[0]  # nothing to compare with one source

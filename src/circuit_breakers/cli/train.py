@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
+from ..locks import folder_lock
 from .console import console
 from .launch import accelerate_launch_command, leave_process_group, pop_launch_flags, relaunch
 
@@ -80,14 +82,43 @@ def merge_command(argv: list[str]) -> int:
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = parser.parse_args(argv)
     check_output_folder(args.out_dir, args.overwrite)  # before any work
-    base = args.base
-    if base is None:
-        from peft import PeftConfig
-
-        base = PeftConfig.from_pretrained(args.adapter_dir).base_model_name_or_path
-    out = export_merged(args.adapter_dir, base, args.out_dir, args.dtype, args.trust_remote_code, args.overwrite)
+    base = adapter_base_model(args.adapter_dir)  # also checks the adapter folder when --base is given
+    base = args.base or base
+    if not base:
+        raise ValueError(f"{args.adapter_dir}'s adapter_config.json names no base model: pass it with --base")
+    with folder_lock(args.out_dir, "output folder"):  # a second export into the same folder is refused
+        out = export_merged(args.adapter_dir, base, args.out_dir, args.dtype, args.trust_remote_code, args.overwrite)
     console.print(f"[bold green]merged model[/] {out}")
     return 0
+
+
+def adapter_base_model(adapter_dir: str) -> str | None:
+    """The base model an adapter folder records, read here so that a missing folder or a broken
+    adapter_config.json is one line naming it (peft would look the name up on the Hub, or say only
+    "Expecting value"). A name that is no local path is left to peft (an adapter on the Hub)."""
+    from ..models import hub_unreachable
+
+    folder = Path(adapter_dir)
+    config_file = folder / "adapter_config.json"
+    if not folder.exists() and not folder.is_absolute() and adapter_dir.count("/") == 1 and hub_unreachable() is None:
+        from peft import PeftConfig
+
+        return PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
+    if not config_file.is_file():
+        what = (
+            f"adapter folder {folder} does not exist"
+            if not folder.exists()
+            else f"adapter {folder} is a file, not a folder"
+            if folder.is_file()
+            else f"adapter folder {folder} holds no adapter_config.json"
+        )
+        raise FileNotFoundError(f"{what}: give the adapter folder training wrote (OUTPUT_DIR/adapter)")
+    try:
+        settings = json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_file}:{err.lineno}: invalid JSON ({err.msg})") from err
+    base = settings.get("base_model_name_or_path") if isinstance(settings, dict) else None
+    return base if isinstance(base, str) and base else None
 
 
 def interpolate_command(argv: list[str]) -> int:
@@ -117,11 +148,12 @@ def interpolate_command(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     check_output_folder(args.out_dir, args.overwrite)  # before the models are loaded and compared
     grid = [float(w) for w in args.grid.split(",")]
-    model, result = interpolate_within_budget(
-        args.start, args.end, read_records(args.data), args.base, args.max_loss_change, grid
-    )
-    for weight, change in result.tried:
-        console.print(f"  w {weight:<4g} loss {change:+.1%}")
-    out = save_interpolation(model, result, args.out_dir, args.overwrite)
+    with folder_lock(args.out_dir, "output folder"):  # a second export into the same folder is refused
+        model, result = interpolate_within_budget(
+            args.start, args.end, read_records(args.data), args.base, args.max_loss_change, grid
+        )
+        for weight, change in result.tried:
+            console.print(f"  w {weight:<4g} loss {change:+.1%}")
+        out = save_interpolation(model, result, args.out_dir, args.overwrite)
     console.print(f"[bold green]w = {result.weight:g}[/] (loss {result.loss_change:+.1%}): {out}")
     return 0

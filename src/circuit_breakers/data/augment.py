@@ -4,19 +4,43 @@
   so the rerouting does not hinge on recognising the request.
 - Retain examples from refusal data: the model's refusals to harmful prompts kept as retain data, so
   that rerouting harmful *content* does not also wipe out the ability to refuse harmful *requests*.
+- Phrasing variety (ours, issue 28): a seeded share of harmful requests reworded as a question, put in
+  the first person, given a system prompt, or asked after a benign exchange, so the breaker does not
+  learn one dataset's imperative style.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
+from .prompts import Prompt
 from .records import DataError, Record
 from .refusal import looks_like_refusal
 
-__all__ = ["as_refusal_retain", "drop_user_turns", "without_user_turn", "xstest_refusal_retain"]
+__all__ = [
+    "PHRASINGS",
+    "SYSTEM_PROMPTS",
+    "as_refusal_retain",
+    "drop_user_turns",
+    "rephrase",
+    "vary_phrasing",
+    "without_user_turn",
+    "xstest_refusal_retain",
+]
+
+PHRASINGS: tuple[str, ...] = ("question", "first_person", "system", "multi_turn")
+"""The rewordings `vary_phrasing` chooses among, in turn."""
+
+SYSTEM_PROMPTS: tuple[str, ...] = (
+    "You are a helpful assistant.",
+    "You are a knowledgeable assistant. Answer the user's questions directly and in detail.",
+    "You are an AI assistant that always does what the user asks.",
+)
+"""Generic system prompts written for this project (a deployment rarely leaves the system turn empty)."""
 
 
 def without_user_turn(record: Record, mode: Literal["drop", "empty"] = "drop") -> Record:
@@ -88,3 +112,48 @@ def xstest_refusal_retain(records: Iterable[Record]) -> list[Record]:
         for r in as_refusal_retain(records)
         if r.meta.get("label") == "unsafe" and r.meta.get("final_label") == "2_full_refusal"
     ]
+
+
+def rephrase(text: str, style: str) -> str:
+    """`text` reworded by a fixed rule: `question` asks it ("Could you ...?"), `first_person` states the
+    need ("I need your help with this: ..."); other styles leave the words alone."""
+    body = text.strip().rstrip(".!")
+    if style == "question":
+        if body.endswith("?"):
+            return body
+        return f"Could you {body[:1].lower()}{body[1:]}?"
+    if style == "first_person":
+        return f"I need your help with this, it matters a lot to me: {body[:1].lower()}{body[1:]}."
+    return text
+
+
+def vary_phrasing(
+    prompts: Sequence[Prompt], fraction: float, seed: int = 0, exchanges: Sequence[tuple[str, str]] = ()
+) -> list[Prompt]:
+    """A seeded `fraction` of `prompts` reworded, the styles of `PHRASINGS` taken in turn: a question, the
+    first person, a system prompt (`SYSTEM_PROMPTS`), or after a benign (user, assistant) exchange from
+    `exchanges` (skipped when none is given). Contextual prompts and chats are left as they are; each
+    changed prompt records its style in `meta['phrasing']` and keeps its id with a suffix."""
+    if not 0.0 <= fraction <= 1.0:
+        raise DataError(f"phrasing fraction must be between 0 and 1, got {fraction}")
+    rng = random.Random(seed)
+    eligible = [i for i, p in enumerate(prompts) if not p.messages and not p.context]
+    chosen = sorted(rng.sample(eligible, round(len(eligible) * fraction)))
+    styles = [s for s in PHRASINGS if s != "multi_turn" or exchanges]
+    out = list(prompts)
+    for n, index in enumerate(chosen):
+        prompt, style = prompts[index], styles[n % len(styles)]
+        text, messages = rephrase(prompt.text, style), None
+        if style == "system":
+            messages = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}, {"role": "user", "content": text}]
+        elif style == "multi_turn":
+            user, assistant = rng.choice(list(exchanges))
+            messages = [
+                {"role": "user", "content": user},
+                {"role": "assistant", "content": assistant},
+                {"role": "user", "content": text},
+            ]
+        out[index] = dataclasses.replace(
+            prompt, id=f"{prompt.id}~{style}", text=text, messages=messages, meta={**prompt.meta, "phrasing": style}
+        )
+    return out

@@ -166,6 +166,30 @@ def tools_text(tools: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def special_token_texts(tokenizer: Any) -> list[str]:
+    """Every special token's text (the named ones and the added tokens marked special), longest first: typed
+    in a message, each would be tokenized as the control token itself."""
+    texts = {str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
+    for added in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        if getattr(added, "special", False):
+            texts.add(str(getattr(added, "content", added)))
+    return sorted((t for t in texts if t), key=lambda t: (-len(t), t))
+
+
+def special_tokens_in(messages: Sequence[dict[str, Any]], specials: Sequence[str]) -> str | None:
+    """Where the first message whose text (content or tool calls) holds a special token's text names it, as
+    "message 2 (user) contains the special token(s) '<|im_start|>'"; None when none does. Such text is refused,
+    not escaped: once rendered through the chat template it is the control token (a forged turn), and no
+    escape reads the same to the model in training as at inference."""
+    for i, message in enumerate(messages, 1):
+        text = _content(message.get("content")) + _content(message.get("tool_calls"))
+        found = sorted((text.index(t), t) for t in specials if t in text)
+        if found:
+            names = ", ".join(repr(t) for _, t in found)
+            return f"message {i} ({message.get('role')}) contains the special token(s) {names}"
+    return None
+
+
 def _content(value: Any) -> str:
     return value if isinstance(value, str) else "" if value is None else json.dumps(value, ensure_ascii=False)
 
@@ -353,6 +377,9 @@ def render(
         raise DataError(f"unknown mask mode {mask_mode!r}; choose one of {MASK_MODES}")
     if not tokenizer.is_fast:
         raise DataError("completion masks need a fast tokenizer (character offsets)")
+    forged = special_tokens_in(record.messages, special_token_texts(tokenizer))
+    if forged:
+        raise DropRow("special_token", forged)
     text, start, end = completion_char_span(tokenizer, record)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]

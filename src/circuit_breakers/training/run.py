@@ -11,6 +11,7 @@ import logging
 import shutil
 from collections import Counter
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -21,19 +22,28 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..adapters import add_lora, export_merged, load_trainable_adapter, write_model_card
+from ..adapters import (
+    add_lora,
+    choose_lora_targets,
+    export_merged,
+    load_trainable_adapter,
+    lora_summary,
+    write_model_card,
+)
 from ..config import CircuitBreakerConfig, ConfigError, DataConfig, ModelConfig
 from ..data.batching import PairedCollator, PairedDataset
 from ..data.records import DataError, Record, iter_jsonl, read_records
 from ..data.render import DropRow, RenderResult, render, render_all
 from ..data.report import mask_report, print_mask_report, save_mask_report
 from ..fileio import STAGING_PREFIX, replace_dir, umask_permissions, write_jsonl_atomic, write_text_atomic
+from ..locks import folder_lock
 from ..models import (
     ModelError,
     default_target_layers,
     find_decoder_layers,
     load_model_and_tokenizer,
     num_layers,
+    set_layer_path,
     truncate_layers,
     validate_layers,
 )
@@ -64,6 +74,11 @@ def layer_plan(
     """
     target = validate_layers(cb_cfg.target_layers or default_target_layers(n_layers), n_layers)
     retain = validate_layers(resolve_retain_layers(cb_cfg.retain_layers, target), n_layers, "retain_layers")
+    if cb_cfg.lat_epsilon > 0 and not cb_cfg.lat_layer < max(target):  # the recipe check cannot see default targets
+        raise ConfigError(
+            f"lat_layer {cb_cfg.lat_layer} must lie below the deepest target layer {max(target)} (target layers "
+            f"{target} of this {n_layers}-layer model); lower lat_layer or set target_layers"
+        )
     if cb_cfg.truncate_layers and max(retain) > max(target):
         raise ModelError(
             f"retain_layers {[i for i in retain if i > max(target)]} lie above the deepest target layer "
@@ -86,6 +101,8 @@ def setup_model(
     model, tokenizer = load_model_and_tokenizer(
         model_cfg.model_name_or_path, model_cfg.dtype, model_cfg.trust_remote_code
     )
+    if model_cfg.layers_path:
+        set_layer_path(model, model_cfg.layers_path)
     n = num_layers(model)
     target, retain, blocks = layer_plan(n, cb_cfg, model_cfg)
     if cb_cfg.truncate_layers:
@@ -94,16 +111,19 @@ def setup_model(
     if cb_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    left_out: dict[str, list[str]] = {}
     if model_cfg.init_adapter:
         peft_model, blocks = load_trainable_adapter(model, model_cfg.init_adapter, len(find_decoder_layers(model)))
     else:
-        peft_model = add_lora(model, model_cfg, blocks)
+        targets = choose_lora_targets(model, model_cfg, blocks)
+        peft_model, left_out = add_lora(model, model_cfg, blocks, targets), targets.left_out
     plan = {
         "num_layers": n,
         "target_layers": target,
         "retain_layers": retain,
         "lora_blocks": blocks,
         "trained_layers": max(target) if cb_cfg.truncate_layers else n,
+        "lora": lora_summary(peft_model, left_out),  # which modules got LoRA, which not and why
     }
     return peft_model, tokenizer, plan
 
@@ -122,6 +142,8 @@ _DROP_REASONS = {
     "tool_calls_not_rendered": "the chat template does not write this row's tool calls",
     "too_long": "max_length is too small to hold a prompt and a completion",
     "tool_call_mask": "the tool call would not be inside the loss mask",
+    "special_token": "a message holds the text of the tokenizer's special tokens, which would act as control "
+    "tokens and could forge a turn",
 }
 
 
@@ -390,6 +412,19 @@ def train(
     else:
         cb_labelled = [(f"circuit-breaker record {i + 1}", r) for i, r in enumerate(cb_records)]
         retain_labelled = [(f"retain record {i + 1}", r) for i, r in enumerate(retain_records)]
+    # one run per folder at a time, export included: a second one is refused here, before it loads anything
+    with folder_lock(cb_cfg.output_dir, "output_dir") if cb_cfg.process_index == 0 else nullcontext():
+        return _train_locked(model_cfg, data_cfg, cb_cfg, cb_labelled, retain_labelled, callbacks)
+
+
+def _train_locked(
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig,
+    cb_cfg: CircuitBreakerConfig,
+    cb_labelled: list[tuple[str, Record]],
+    retain_labelled: list[tuple[str, Record]],
+    callbacks: list[Any] | None,
+) -> TrainResult:
     out = Path(cb_cfg.output_dir)
     main = cb_cfg.process_index == 0
     identity = run_identity(model_cfg, data_cfg, cb_cfg, [r for _, r in cb_labelled], [r for _, r in retain_labelled])
@@ -436,6 +471,14 @@ def train(
         "retain layers": plan["retain_layers"],
         "LoRA blocks": f"{plan['lora_blocks'][0]}..{plan['lora_blocks'][-1]}",
         "LoRA r / alpha / dropout": f"{model_cfg.lora_r} / {model_cfg.lora_alpha} / {model_cfg.lora_dropout}",
+        "LoRA modules": ", ".join(f"{n} {kind}" for kind, n in plan["lora"]["per kind"].items())
+        + " ("
+        + ", ".join(f"{name} x{n}" for name, n in plan["lora"]["per name"].items())
+        + ")",
+        **{
+            f"no LoRA: {why}": f"{len(names)} ({', '.join(sorted({n.rsplit('.', 1)[-1] for n in names}))})"
+            for why, names in plan["lora"]["left out"].items()
+        },
         "alpha": cb_cfg.alpha,
         "schedule": cb_cfg.schedule,
         "steps": trainer.state.global_step,
