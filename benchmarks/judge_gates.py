@@ -26,7 +26,7 @@ import json
 import math
 from pathlib import Path
 
-from circuit_breakers.evaluation.benchmarks import load_benchmark
+from circuit_breakers.data.benchmarks import load_benchmark
 from circuit_breakers.evaluation.judges import OfflineJudge
 from circuit_breakers.generation import generate
 from circuit_breakers.models import load_model_and_tokenizer

@@ -14,6 +14,12 @@ from circuit_breakers.experiments.main_job import Run, Stage
 from helpers import save_tiny
 
 TOY = [
+    "--harmful_prompts",
+    "harmbench",
+    "--n_xstest",
+    "3",
+    "--n_xstest_retain",
+    "0",
     "--n_harmful_train",
     "6",
     "--n_harmful_eval",

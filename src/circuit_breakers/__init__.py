@@ -46,7 +46,7 @@ _EXPORTS: dict[str, str] = {
     "ATTACKS": "evaluation.attacks",
     "make_judge": "evaluation.judges",
     "JUDGES": "evaluation.judges",
-    "load_benchmark": "evaluation.benchmarks",
+    "load_benchmark": "data.benchmarks",
     "write_results": "evaluation.report",
     "summary_table": "evaluation.report",
     "rejudge": "evaluation.rejudge",
@@ -83,10 +83,10 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .adapters import combine_adapters, export_merged, load_adapters
     from .config import CircuitBreakerConfig, ConfigError, DataConfig, ModelConfig, RunConfig
+    from .data.benchmarks import load_benchmark
     from .data.prompts import Prompt
     from .data.records import Record, read_records, write_records
     from .evaluation.attacks import ATTACKS, make_attack
-    from .evaluation.benchmarks import load_benchmark
     from .evaluation.compare import evaluate_models
     from .evaluation.judges import JUDGES, make_judge
     from .evaluation.rejudge import rejudge

@@ -17,8 +17,8 @@ def eval_command(argv: list[str]) -> int:
         return report_command(argv[1:])
     if argv and argv[0] == "rejudge":
         return rejudge_command(argv[1:])
+    from ..data.benchmarks import BENCHMARKS
     from ..evaluation.attacks import ATTACKS, BUDGETS
-    from ..evaluation.benchmarks import BENCHMARKS
 
     parser = argparse.ArgumentParser(
         prog="circuit-breakers eval",

