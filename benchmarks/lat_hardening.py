@@ -72,7 +72,7 @@ def beyond_target(samples: list, judge) -> dict[str, float]:
 
 def capability_readings(run: Path, models: dict[str, str], suffix_text: str, out: Path) -> dict:
     """Benign loss change against the first model, and compliance on borderline prompts (plain, suffixed)."""
-    borderline = read_prompts(run / "data" / "borderline_eval.jsonl")
+    borderline = [p for p in read_prompts(run / "data" / "safe_eval.jsonl") if p.source == "builtin:borderline"]
     benign = read_records(run / "data" / "benign_eval.jsonl")
     capability = evaluate_models(
         models,

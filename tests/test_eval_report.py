@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from circuit_breakers.cli.main import main
-from circuit_breakers.evaluation.report import load_training_log, summary_table, write_results
+from circuit_breakers.evaluation.report import load_training_log, write_results
 from circuit_breakers.evaluation.results import EvalResult, Sample
 from circuit_breakers.evaluation.suite import judge_spec, load_suite, model_specs
+from circuit_breakers.evaluation.tables import summary_table
 from helpers import save_tiny
 
 torch.set_num_threads(1)

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from circuit_breakers.config import RunConfig
-from circuit_breakers.data.prompts import Prompt, write_prompts
+from circuit_breakers.data.prompts import Prompt, read_prompts, write_prompts
 from circuit_breakers.data.records import DataError, read_records
 from circuit_breakers.data.sources import (
     SourceUnavailable,
@@ -214,7 +214,7 @@ def test_xstest_safe_answers_are_retained_but_never_the_held_out_ones_or_refusal
     monkeypatch.setattr(main_job, "generate_completions", marked)
     monkeypatch.setattr(main_job, "looks_like_refusal", lambda text: text == "REFUSED")
     main_job.build_data(cfg, str(tiny), tmp_path / "data", seed=0)
-    held = {p.text for p in main_job.safe_prompts(cfg, tmp_path / "data", seed=0) if p.source == "xstest"}
+    held = {p.text for p in read_prompts(tmp_path / "data" / "safe_eval.jsonl") if p.source == "xstest"}
     retained = {r.prompt for r in read_records(tmp_path / "data" / "retain.jsonl") if "process" in r.prompt}
     assert len(held) == 3 and not held & retained
     assert len(pool) == 7 and not set(pool) & held

@@ -6,8 +6,8 @@ import copy
 import torch
 
 from circuit_breakers.data.records import Record
-from circuit_breakers.evaluation.report import source_rows
 from circuit_breakers.evaluation.results import EvalResult, Sample, refusals_kept
+from circuit_breakers.evaluation.tables import source_rows
 from circuit_breakers.evaluation.trigger import prompt_cosines, trigger_rates
 from circuit_breakers.models import find_decoder_layers
 from helpers import make_model, make_tokenizer

@@ -48,7 +48,7 @@ _EXPORTS: dict[str, str] = {
     "JUDGES": "evaluation.judges",
     "load_benchmark": "data.benchmarks",
     "write_results": "evaluation.report",
-    "summary_table": "evaluation.report",
+    "summary_table": "evaluation.tables",
     "rejudge": "evaluation.rejudge",
     # generation
     "generate": "generation",
@@ -90,9 +90,10 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .evaluation.compare import evaluate_models
     from .evaluation.judges import JUDGES, make_judge
     from .evaluation.rejudge import rejudge
-    from .evaluation.report import summary_table, write_results
+    from .evaluation.report import write_results
     from .evaluation.results import EvalResult
     from .evaluation.store import load_result
+    from .evaluation.tables import summary_table
     from .experiments.agents import agent_experiment
     from .experiments.categories import category_experiment
     from .experiments.interpolate import interpolate_within_budget

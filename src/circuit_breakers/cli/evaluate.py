@@ -68,8 +68,9 @@ def eval_command(argv: list[str]) -> int:
     from ..config import check_model_path
     from ..data.records import read_records
     from ..evaluation.compare import evaluate_models
-    from ..evaluation.report import summary_table, write_results
+    from ..evaluation.report import write_results
     from ..evaluation.suite import judge_spec, load_suite, model_specs
+    from ..evaluation.tables import summary_table
 
     models = model_specs(args.model)
     for path in models.values():
@@ -149,8 +150,9 @@ def report_command(argv: list[str]) -> int:
     """eval report DIR: rebuild results.json and report.html from a finished evaluation folder."""
     from pathlib import Path
 
-    from ..evaluation.report import summary_table, write_results
+    from ..evaluation.report import write_results
     from ..evaluation.store import load_result
+    from ..evaluation.tables import summary_table
 
     parser = argparse.ArgumentParser(prog="circuit-breakers eval report")
     parser.add_argument("eval_dir", help="folder an `eval` wrote (samples.jsonl, cells.json)")
@@ -172,8 +174,8 @@ def rejudge_command(argv: list[str]) -> int:
     """eval rejudge DIR --out NEW [--judge NAME]: the same completions, judged again, in a new folder."""
     from ..evaluation.judges import make_judge
     from ..evaluation.rejudge import rejudge_folder
-    from ..evaluation.report import summary_table
     from ..evaluation.suite import judge_spec
+    from ..evaluation.tables import summary_table
 
     parser = argparse.ArgumentParser(
         prog="circuit-breakers eval rejudge",

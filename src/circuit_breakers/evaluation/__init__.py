@@ -36,9 +36,10 @@ from .judges import (
 )
 from .metrics import PairedDifference, Rate, bootstrap_ci, mcnemar_exact, paired_difference, rate, wilson_interval
 from .rejudge import rejudge, rejudge_folder
-from .report import build_results, load_training_log, render_html, summary_table, write_results
+from .report import build_results, load_training_log, render_html, write_results
 from .results import CAPABILITY, OVER_REFUSAL, EvalResult, Sample, compute_metrics
 from .store import CellStore, load_result
+from .tables import summary_table
 
 __all__ = [
     "ATTACKS",

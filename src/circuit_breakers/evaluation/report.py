@@ -2,7 +2,7 @@
 
     result = evaluate_models(...)                       # compare.py
     write_results(result, "runs/x", config, run_dir="runs/x/train")
-    print(summary_table(result))
+    print(summary_table(result))                        # tables.py
 
 A number without its judge, attack settings and versions cannot be reproduced, so results.json
 records them next to the metrics. report.html embeds its plots as base64 PNG (matplotlib, Agg
@@ -16,7 +16,6 @@ import datetime as _dt
 import html
 import io
 import json
-import math
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 from ..fileio import json_safe, write_jsonl_atomic, write_text_atomic
 from .results import EvalResult, Sample
 from .store import SAMPLES_FILE
+from .tables import rate_cell, source_rows, summary_rows
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.html"
@@ -198,139 +198,6 @@ def write_results(
     log_rows, _ = load_training_log(run_dir)
     write_text_atomic(root / REPORT_FILE, render_html(doc, result.samples, log_rows))
     return doc
-
-
-# --------------------------------------------------------------------------------------------------
-# Plain-text summary
-
-
-def _pct(entry: Mapping[str, Any] | None) -> str:
-    if not entry or entry.get("value") is None or not math.isfinite(entry["value"]):
-        return "-"
-    return f"{100 * entry['value']:5.1f}% [{100 * entry['low']:.0f}, {100 * entry['high']:.0f}]"
-
-
-def _diff(entry: Mapping[str, Any] | None) -> str:
-    if not entry or entry.get("difference") is None:
-        return "-"
-    return (
-        f"{signed(100 * entry['difference'], 1)} pts [{signed(100 * entry['low'])}, "
-        f"{signed(100 * entry['high'])}] p={entry['p_value']:.2g}"
-    )
-
-
-def signed(x: float, digits: int = 0) -> str:
-    """`x` with its sign, never "-0" (rounding first, then adding 0.0, turns -0.0 into 0.0)."""
-    return f"{round(x, digits) + 0.0:+.{digits}f}"
-
-
-def summary_rows(doc: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """(header, rows) of the summary: ASR per attack, over-refusal and capability, one column per
-    model and a paired difference of each other model against the reference."""
-    metrics, models = doc["metrics"], list(doc["models"])
-    reference = metrics.get("reference_model", models[0] if models else "")
-    others = [m for m in models if m != reference]
-    header = ["metric", *models, *(f"{m} - {reference}" for m in others)]
-    rows = []
-    for attack, per_model in metrics.get("asr", {}).items():
-        diffs = metrics.get("asr_difference", {}).get(attack, {})
-        rows.append(
-            [f"ASR {attack}", *(_pct(per_model.get(m)) for m in models), *(_diff(diffs.get(m)) for m in others)]
-        )
-    refusal = metrics.get("over_refusal", {})
-    if refusal:
-        diffs = metrics.get("over_refusal_difference", {})
-        # The difference is of compliance; over-refusal moves the opposite way.
-        flipped = {
-            m: {**d, "difference": -d["difference"], "low": -d["high"], "high": -d["low"]}
-            for m, d in diffs.items()
-            if d.get("difference") is not None
-        }
-        rows.append(
-            [
-                "over-refusal (safe prompts refused)",
-                *(_pct(refusal.get(m, {}).get("refusal")) for m in models),
-                *(_diff(flipped.get(m)) for m in others),
-            ]
-        )
-    capability = metrics.get("capability", {})
-    if capability:
-        change = metrics.get("capability_change", {})
-
-        def loss(m: str) -> str:
-            e = capability.get(m)
-            return f"{e['value']:.3f} [{e['low']:.3f}, {e['high']:.3f}]" if e and e.get("value") is not None else "-"
-
-        def rel(m: str) -> str:
-            e = change.get(m)
-            return (
-                f"{100 * e['value']:+.1f}% [{100 * e['low']:+.1f}, {100 * e['high']:+.1f}]"
-                if e and e.get("value") is not None
-                else "-"
-            )
-
-        rows.append(["benign loss (capability)", *(loss(m) for m in models), *(rel(m) for m in others)])
-    return header, rows
-
-
-def source_rows(
-    doc: Mapping[str, Any], attacks: Sequence[str] = ("direct", "prefill")
-) -> tuple[list[str], list[list[str]]]:
-    """(header, rows) of the per-source table: held-out ASR per source under `attacks` (models side by
-    side, "base -> defended"), the prompts each source gave to training, and the judge-free trigger rate."""
-    metrics, models = doc["metrics"], list(doc["models"])
-    by_source = metrics.get("asr_by_source", {})
-    attacks = [a for a in attacks if a in by_source]
-    sources = sorted({s for a in attacks for per_model in by_source[a].values() for s in per_model})
-    trained = (doc.get("sources") or {}).get("train", {})
-    triggers = doc.get("trigger_rate") or {}
-    trigger_model = next(iter(triggers), None)
-    header = ["source", "trained on", "held out", *(f"ASR {a} ({' -> '.join(models)})" for a in attacks)]
-    if trigger_model:
-        header.append(f"fired ({trigger_model})")
-    rows = []
-    for source in sources:
-        n = max((by_source[a].get(m, {}).get(source, {}).get("n") or 0) for a in attacks for m in models)
-        cells = [" -> ".join(_short_pct(by_source[a].get(m, {}).get(source)) for m in models) for a in attacks]
-        row = [source, str(trained.get(source, "-")), str(n), *cells]
-        if trigger_model:
-            row.append(_short_pct(triggers[trigger_model].get(source), key="rate"))
-        rows.append(row)
-    for group, entry in (triggers.get(trigger_model) or {}).items():
-        if group not in sources:  # benign answers: false fires
-            rows.append([group, "-", str(entry.get("n", "-")), *("-" for _ in attacks), _short_pct(entry, key="rate")])
-    return header, rows
-
-
-def _short_pct(entry: Mapping[str, Any] | None, key: str = "value") -> str:
-    if not entry or entry.get(key) is None or not math.isfinite(entry[key]):
-        return "-"
-    return f"{100 * entry[key]:.0f}%"
-
-
-def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Columns padded to their widest cell, a rule under the header: a table for a terminal."""
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths)).rstrip(), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join(lines)
-
-
-def summary_table(result: EvalResult | Mapping[str, Any]) -> str:
-    """A plain-text table for a terminal: ASR base vs circuit-broken per attack, over-refusal,
-    capability change (rates with 95% bootstrap intervals; differences paired, McNemar p)."""
-    if isinstance(result, EvalResult):
-        if not result.metrics:
-            result.recompute()
-        doc: Mapping[str, Any] = {"metrics": result.metrics, "models": result.models}
-    else:
-        doc = result
-    doc = json_safe(doc)
-    table = text_table(*summary_rows(doc))
-    header, rows = source_rows(doc)
-    if len(rows) > 1 or doc.get("trigger_rate"):
-        table += "\n\nheld-out ASR per source\n" + text_table(header, rows)
-    return table
 
 
 # --------------------------------------------------------------------------------------------------
@@ -579,7 +446,8 @@ def render_html(
                         attack,
                         c,
                         *(
-                            _pct(per_model.get(m, {}).get(c)) + f" (n={per_model.get(m, {}).get(c, {}).get('n', 0)})"
+                            rate_cell(per_model.get(m, {}).get(c))
+                            + f" (n={per_model.get(m, {}).get(c, {}).get('n', 0)})"
                             for m in models
                         ),
                     ]
@@ -592,7 +460,7 @@ def render_html(
         src_rows = []
         for m, d in metrics["over_refusal"].items():
             for source, r in d.get("compliance_by_source", {}).items():
-                src_rows.append([m, source, _pct(r) + f" (n={r.get('n')})"])
+                src_rows.append([m, source, rate_cell(r) + f" (n={r.get('n')})"])
         parts.append(_table(["model", "source", "compliance on safe prompts"], src_rows))
     if metrics.get("capability"):
         parts += ["<h2>Capability</h2>", _img(plot_capability(doc), "capability")]
@@ -654,7 +522,5 @@ __all__ = [
     "plot_over_refusal",
     "plot_training",
     "render_html",
-    "summary_rows",
-    "summary_table",
     "write_results",
 ]

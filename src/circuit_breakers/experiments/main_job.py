@@ -166,7 +166,8 @@ def build_data(run_cfg: RunConfig, model_name: str, data_dir: Path, seed: int) -
     )
     borderline_train = borderline_train[: run_cfg.n_borderline_train]
     write_prompts([p for prompts in held.values() for p in prompts], data_dir / "harmful_eval.jsonl")
-    write_prompts(borderline_eval, data_dir / "borderline_eval.jsonl")
+    xstest_pool, xstest_eval = xstest_safe_split(run_cfg, seed)
+    write_prompts(borderline_eval + xstest_eval, data_dir / "safe_eval.jsonl")
     model, tokenizer = load_model_and_tokenizer(model_name)
     common = dict(max_new_tokens=run_cfg.completion_tokens, batch_size=run_cfg.generation_batch_size)
     prefill = target_prefill if run_cfg.harmful_prefill == "target" else run_cfg.harmful_prefill
@@ -191,13 +192,14 @@ def build_data(run_cfg: RunConfig, model_name: str, data_dir: Path, seed: int) -
         prefill=prefill,
         **common,
     )
-    refused = [r for r in harmful if run_cfg.refusal_retain and looks_like_refusal(r.completion)]
-    cb = [r for r in harmful if r not in refused]
+    refused, cb = [], []
+    for record in harmful:
+        (refused if run_cfg.refusal_retain and looks_like_refusal(record.completion) else cb).append(record)
     borderline = generate_completions(
         model, tokenizer, borderline_train, data_dir / "gen_borderline.jsonl", kind="retain", **common
     )
     if run_cfg.n_xstest_retain > 0:
-        pool = xstest_safe_split(run_cfg, seed)[0][: run_cfg.n_xstest_retain]
+        pool = xstest_pool[: run_cfg.n_xstest_retain]
         answered = generate_completions(
             model, tokenizer, pool, data_dir / "gen_xstest_safe.jsonl", kind="retain", **common
         )
@@ -306,7 +308,7 @@ def run_stages(model_cfg: ModelConfig, data_cfg: DataConfig, cb_cfg: CircuitBrea
         Stage(
             "evaluate",
             eval_key,
-            lambda: evaluate_stage(run_cfg, model_cfg.model_name_or_path, root, cb_cfg.target_layers, cb_cfg.seed),
+            lambda: evaluate_stage(run_cfg, model_cfg.model_name_or_path, root, cb_cfg.target_layers),
         ),
     ]
     for stage in stages:
@@ -320,7 +322,8 @@ def print_summary(root: Path, seconds: dict[str, float]) -> None:
     """The closing table: ASR base vs circuit-broken per attack, over-refusal, capability, stage times."""
     from rich.console import Console
 
-    from ..evaluation.report import RESULTS_FILE, summary_table
+    from ..evaluation.report import RESULTS_FILE
+    from ..evaluation.tables import summary_table
 
     console = Console(stderr=True)
     results = root / RESULTS_FILE
@@ -358,11 +361,6 @@ def xstest_safe_split(run_cfg: RunConfig, seed: int) -> tuple[list[Prompt], list
     return split_prompts(load_xstest_csv(xstest, label="safe"), run_cfg.n_xstest, seed)
 
 
-def safe_prompts(run_cfg: RunConfig, data_dir: Path, seed: int) -> list[Prompt]:
-    """Over-refusal prompts: the held-out borderline set, plus the held-out XSTest safe prompts."""
-    return read_prompts(data_dir / "borderline_eval.jsonl") + xstest_safe_split(run_cfg, seed)[1]
-
-
 def trigger_stage(
     result: Any, base_model: str, defended: str, benign: Sequence[Any], layers: Sequence[int] | None, threshold: float
 ) -> dict[str, Any]:
@@ -386,9 +384,7 @@ def trigger_stage(
     return {name: rate.to_dict() for name, rate in trigger_rates(cosines, groups, threshold).items()}
 
 
-def evaluate_stage(
-    run_cfg: RunConfig, base_model: str, root: Path, target_layers: Sequence[int] | None = None, seed: int = 0
-) -> None:
+def evaluate_stage(run_cfg: RunConfig, base_model: str, root: Path, target_layers: Sequence[int] | None = None) -> None:
     """Base vs circuit-broken on the held-out prompts; writes results.json, samples.jsonl, report.html
     with held-out ASR per source and the trigger rate."""
     from ..evaluation.compare import evaluate_models
@@ -403,7 +399,7 @@ def evaluate_stage(
         [a.strip() for a in run_cfg.attacks.split(",") if a.strip()],
         judge=run_cfg.judge,
         benign=benign,
-        safe_prompts=safe_prompts(run_cfg, data_dir, seed),
+        safe_prompts=read_prompts(data_dir / "safe_eval.jsonl"),
         max_new_tokens=run_cfg.eval_max_new_tokens,
         attack_budget=run_cfg.attack_budget,
         batch_size=run_cfg.generation_batch_size,

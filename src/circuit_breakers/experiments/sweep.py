@@ -368,7 +368,7 @@ def sweep_rows(doc: Mapping[str, Any]) -> tuple[list[str], list[list[str]], list
     """(header, one row per point, notes) of the sweep table: the grid keys, then the circuit-broken
     model's ASR per attack, over-refusal, benign loss change, final rerouting cosine, train seconds and
     status. The base model's numbers go in a note when every point agrees on them, else in columns."""
-    from ..evaluation.report import signed
+    from ..evaluation.tables import signed
 
     points, keys = doc["points"], list(doc["grid"])
     attacks = list(dict.fromkeys(a for p in points for a in ((p.get("metrics") or {}).get("asr") or {})))
