@@ -50,13 +50,13 @@ from circuit_breakers.losses import coefficients
 from circuit_breakers.models import load_model, load_tokenizer, truncate_layers
 from circuit_breakers.training import CircuitBreakerTrainer, chunk_rows, resolve_retain_layers
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared peak helper
+from peak import device_peak  # noqa: E402
+
 # The original code's fixed shapes.
 REF_PROMPT_LEN = 512
 REF_COMPLETION_LEN = 512
 REF_RETAIN_LEN = 1024
-
-# Dense bf16 peak of common accelerators (TFLOP/s), used for MFU when --peak-tflops is not given.
-PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0}
 
 LLAMA3_8B = dict(
     vocab_size=128256,
@@ -585,17 +585,6 @@ def useful_flops(config: Any, n_blocks: int, lengths: Sequence[int]) -> float:
     return float(sum(6 * n * L + 4 * n_blocks * 2 * L * L * d for L in lengths))
 
 
-def peak_tflops(args: argparse.Namespace) -> float | None:
-    if args.peak_tflops:
-        return args.peak_tflops
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name(0)
-        for key, value in PEAK_BF16_TFLOPS.items():
-            if key in name:
-                return value
-    return None
-
-
 # --- the parent -----------------------------------------------------------------------------------
 def child(args: argparse.Namespace, mode: str, examples: Path) -> dict[str, Any]:
     """Run one mode in a fresh process (so its peak memory is its own) and read its JSON result."""
@@ -719,20 +708,18 @@ def main_parent(args: argparse.Namespace) -> int:
         from circuit_breakers.models import resolve_model_path
 
         config = AutoConfig.from_pretrained(resolve_model_path(args.model))
-    peak = peak_tflops(args)
-    if peak:
-        per_step = [
-            useful_flops(
-                config,
-                max(args.target_layers),
-                lengths[i * args.batch : (i + 1) * args.batch] + lengths[n + i * args.batch : n + (i + 1) * args.batch],
-            )
-            for i in range(args.warmup, args.warmup + args.steps)
-        ]
-        flops = sum(per_step) / sum(ours["step_times"])
-        print(
-            f"MFU (ours): {flops / 1e12:.1f} TFLOP/s useful / {peak:.1f} peak bf16 = {100 * flops / (peak * 1e12):.1f}%"
+    device = torch.device("cuda" if ours["device"].startswith("cuda") else "cpu")
+    peak = device_peak(device, bf16="bfloat16" in ours["dtype"], peak_tflops=args.peak_tflops)
+    per_step = [
+        useful_flops(
+            config,
+            max(args.target_layers),
+            lengths[i * args.batch : (i + 1) * args.batch] + lengths[n + i * args.batch : n + (i + 1) * args.batch],
         )
+        for i in range(args.warmup, args.warmup + args.steps)
+    ]
+    for r in (ref, ours):  # the same useful work per step: what differs is the time it takes
+        print(f"useful FLOP/s ({r['mode']}): {peak.fraction(sum(per_step) / sum(r['step_times']))}")
 
     ok = True
     if check is not None:
@@ -783,7 +770,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--check-batch", type=int, default=8, help="rows per set in the loss-agreement check")
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest relative loss difference accepted")
     p.add_argument("--skip-check", action="store_true")
-    p.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s of the device, for MFU")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="peak TFLOP/s of the device in the dtype used (default: GPU table, or CPU cores x clock x vectors)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even when a GPU is present")
     p.add_argument("--mode", choices=["all", "ours", "reference", "check"], default="all", help=argparse.SUPPRESS)

@@ -95,6 +95,8 @@ def make_model(arch: str = "llama", vocab_size: int = 300, layers: int = 6, seed
     torch.manual_seed(seed)
     if arch == "llama":
         config = LlamaConfig(vocab_size=vocab_size, num_hidden_layers=layers, **TINY)
+    elif arch == "llama_tied":  # one tensor for the input embedding and the LM head, as SmolLM2 has
+        config = LlamaConfig(vocab_size=vocab_size, num_hidden_layers=layers, tie_word_embeddings=True, **TINY)
     elif arch == "mistral":
         config = MistralConfig(vocab_size=vocab_size, num_hidden_layers=layers, **TINY)
     elif arch == "qwen2":
@@ -113,6 +115,19 @@ def make_model(arch: str = "llama", vocab_size: int = 300, layers: int = 6, seed
         raise ValueError(arch)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model.eval()
+
+
+@torch.no_grad()
+def vary_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Scale every norm's weight by a random factor in [0.5, 1.5), in place (the same factors for the same seed and
+    architecture): a trained model's norms are not all ones, and an RMSNorm of ones keeps a state orthogonal to a
+    direction orthogonal to it, which hides an edit of the LM head along that direction."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if "norm" in type(module).__name__.lower() and isinstance(weight, torch.Tensor) and weight.dim() == 1:
+            weight.mul_(0.5 + torch.rand(weight.shape, generator=generator))
+    return model
 
 
 def save_tiny(path: Path, arch: str = "llama", style: str = "chatml", layers: int = 6) -> Path:

@@ -34,7 +34,7 @@ from circuit_breakers.evaluation.attacks import (
 )
 from circuit_breakers.evaluation.attacks.templates import load_templates
 from circuit_breakers.representations import hidden_states
-from helpers import make_model, make_tokenizer
+from helpers import make_model, make_tokenizer, vary_norms
 
 torch.set_num_threads(1)
 
@@ -420,7 +420,8 @@ def test_refusal_direction_reads_instruction_files(tmp_path, chatml):
 
 
 def test_make_attack_applies_budget_then_overrides_and_rejects_unknown_options():
-    assert set(ATTACKS) == {"direct", "prefill", "template", "gcg", "embedding", "refusal_direction", "multiturn"}
+    assert set(ATTACKS) >= {"direct", "prefill", "template", "gcg", "embedding", "refusal_direction", "multiturn"}
+    assert {"best_of_n", "pair", "tap"} <= set(ATTACKS)
     gcg = make_attack("gcg", budget="cpu", steps=2)
     assert (gcg.steps, gcg.search_width) == (2, ATTACKS["gcg"].presets["cpu"]["search_width"])
     assert make_attack("gcg", budget="paper").steps == 500
@@ -437,6 +438,8 @@ def test_every_attack_records_json_settings_and_inputs(chatml):
         "gcg": {"steps": 1, "search_width": 8},
         "embedding": {"steps": 1, "restarts": 1},
         "refusal_direction": {"harmless": HARMLESS},
+        "pair": {"attacker": "target", "attacker_max_new_tokens": 8},  # not the embedded model: a unit test
+        "tap": {"attacker": "target", "attacker_max_new_tokens": 8},
     }
     for name in ATTACKS:
         if name == "template" and not HAS_GARAK:
@@ -447,3 +450,28 @@ def test_every_attack_records_json_settings_and_inputs(chatml):
         assert json.loads(json.dumps(attack.settings()))["attack"] == name
         assert all(json.dumps(i.record()) for i in inputs)
         assert all(re.search("bake bread", json.dumps(i.record())) for i in inputs)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox", "llama_tied", "gpt2"])
+def test_runtime_ablation_equals_the_orthogonalised_weights(arch):
+    """Arditi et al.'s ablation removes the direction from every write into the residual stream (embedding, each
+    attention output, each MLP output), which is what orthogonalising those weights does: same logits. The
+    ablation leaves the unembedding alone, so where the LM head is the input embedding's tensor (llama_tied,
+    GPT-2) the orthogonalised model must not edit it."""
+    from circuit_breakers.evaluation.tamper.weights import orthogonalize_weights
+
+    model, orthogonal = vary_norms(make_model(arch, layers=3)), vary_norms(make_model(arch, layers=3))
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert tied == (arch in ("llama_tied", "gpt2"))
+    torch.manual_seed(7)
+    direction = torch.randn(32)
+    orthogonalize_weights(orthogonal, direction)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    with torch.no_grad():
+        plain = model(ids).logits
+        with DirectionIntervention(direction, 2, "ablate").apply(model):
+            ablated = model(ids).logits
+        expected = orthogonal(ids).logits
+        assert torch.equal(model(ids).logits, plain)  # hooks removed
+    assert (plain - expected).abs().max() > 1e-2
+    assert (ablated - expected).abs().max() < 1e-4

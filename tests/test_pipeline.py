@@ -55,6 +55,10 @@ TOY = [
     "1",
     "--max_length",
     "128",
+    "--n_drift_eval",
+    "4",
+    "--drift_tokens",
+    "3",
 ]
 
 
@@ -142,6 +146,12 @@ def test_toy_run_writes_every_output(toy_run):
     fired = results["trigger_rate"]["circuit_broken"]
     assert set(fired) == {"harmbench", "benign (held-out)"} and fired["benign (held-out)"]["n"] == 3
     assert all(0 <= v["rate"] <= 1 and -1 <= v["mean_cosine"] <= 1 for v in fired.values())
+    # distribution shift on benign prompts never trained on: KL and greedy agreement of the defended model
+    kl, agreement = results["metrics"]["kl_divergence"], results["metrics"]["greedy_agreement"]
+    assert set(kl) == set(agreement) == {"circuit_broken"} and kl["circuit_broken"]["n_records"] == 4
+    assert kl["circuit_broken"]["value"] >= 0 and agreement["circuit_broken"]["n"] == 4
+    assert results["settings"]["drift_tokens"] == 3 and len(read_prompts(root / "eval" / "drift_prompts.jsonl")) == 4
+    assert "Distribution shift on benign text" in (root / "report.html").read_text()
 
 
 def test_held_out_prompts_never_trained_on(toy_run):
@@ -173,6 +183,11 @@ def test_second_run_reuses_stages_and_eval_change_reruns_only_evaluation(toy_run
     assert len(evaluated) == 1
     assert main([*args, "--attacks", "direct", "--trigger_threshold", "0.3"]) == 0  # the trigger rate is evaluation
     assert len(evaluated) == 2
+    assert main([*args, "--attacks", "direct", "--trigger_threshold", "0.3", "--n_drift_eval", "2"]) == 0
+    assert len(evaluated) == 3  # the drift set is evaluation: data and training stay
+    extra_set = ["--over_refusal_sets", "or_bench_hard", "--n_over_refusal_eval", "5"]
+    assert main([*args, "--attacks", "direct", "--trigger_threshold", "0.3", "--n_drift_eval", "2", *extra_set]) == 0
+    assert len(evaluated) == 4  # an over-refusal set is evaluation too
 
 
 def test_changed_training_setting_retrains_over_the_old_folder_and_keeps_the_data(toy_run, monkeypatch):

@@ -55,6 +55,7 @@ _EXPORTS: dict[str, str] = {
     # experiments
     "run_pipeline": "experiments.main_job",
     "run_sweep": "experiments.sweep",
+    "run_redteam": "experiments.redteam",
     "category_experiment": "experiments.categories",
     "agent_experiment": "experiments.agents",
     "interpolate_within_budget": "experiments.interpolate",
@@ -98,6 +99,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .experiments.categories import category_experiment
     from .experiments.interpolate import interpolate_within_budget
     from .experiments.main_job import run_pipeline
+    from .experiments.redteam import run_redteam
     from .experiments.sweep import run_sweep
     from .generation import generate
     from .guard.probes import Probe, fit_probe

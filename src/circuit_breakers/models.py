@@ -47,15 +47,63 @@ class ModelError(ValueError):
     """A model that cannot be loaded or used for circuit-breaker training."""
 
 
-def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
-    """`"bfloat16"` -> torch.bfloat16; `"auto"` picks bfloat16 on a GPU and float32 on a CPU."""
+def resolve_device(setting: str | torch.device | None = "auto") -> torch.device:
+    """The device a `device` setting names (`config.DEVICES`; None is auto): auto is the first CUDA device
+    present (the process's current one), else MPS, else the CPU. A device that is not there is a one-line
+    ModelError, so a command stops before it loads anything instead of failing inside a stage."""
+    from .config import check_device
+
+    text = check_device("auto" if setting is None else str(setting))
+    if text == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if text.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ModelError(
+                f"device {text} asked for but torch.cuda.is_available() is false; use --device cpu or auto"
+            )
+        index = int(text.partition(":")[2] or torch.cuda.current_device())
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise ModelError(
+                f"device {text} asked for but only {count} CUDA devices ({0}..{count - 1}) are visible; "
+                "use --device cuda or one of those"
+            )
+        return torch.device("cuda", index)
+    if text == "mps" and not torch.backends.mps.is_available():
+        raise ModelError(
+            "device mps asked for but torch.backends.mps.is_available() is false; use --device cpu or auto"
+        )
+    return torch.device(text)
+
+
+def resolve_dtype(name: str | torch.dtype, device: str | torch.device | None = None) -> torch.dtype:
+    """`"bfloat16"` -> torch.bfloat16; `"auto"` is bfloat16 on a CUDA device that supports it
+    (torch.cuda.is_bf16_supported) and float32 elsewhere (CPU, MPS, older GPUs: float16 weights would
+    need loss scaling to train). `device` is where the model goes (a setting or a device; None: auto)."""
     if isinstance(name, torch.dtype):
         return name
     if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        where = device if isinstance(device, torch.device) else resolve_device(device)
+        return torch.bfloat16 if where.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     if name not in _DTYPES:
         raise ModelError(f"unknown dtype {name!r}; choose one of {['auto', *_DTYPES]}")
     return _DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """`torch.bfloat16` -> "bfloat16": how run records name a dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
+def placement(device: str | torch.device | None = "auto", dtype: str | torch.dtype = "auto") -> dict[str, str]:
+    """{"device": ..., "dtype": ...} as a stage that loads a model with these settings places it: what
+    stages.json and results.json record. A torch.device (the Trainer's) is taken as it is."""
+    where = device if isinstance(device, torch.device) else resolve_device(device)
+    return {"device": str(where), "dtype": dtype_name(resolve_dtype(dtype, where))}
 
 
 def cache_root() -> Path:
@@ -235,9 +283,16 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
 
 
 def load_model(
-    name_or_path: str, dtype: str | torch.dtype = "auto", trust_remote_code: bool = False
+    name_or_path: str,
+    dtype: str | torch.dtype = "auto",
+    trust_remote_code: bool = False,
+    device: str | torch.device | None = None,
 ) -> PreTrainedModel:
-    """Load a causal LM for training or evaluation; refuses models that are not causal LMs."""
+    """Load a causal LM for training or evaluation; refuses models that are not causal LMs. `device` (a
+    setting such as auto / cuda:1, or a device) is where the weights go, checked before anything loads; None
+    leaves them where transformers loads them (the CPU), for training, whose Trainer places the model."""
+    where = resolve_device(device) if device is not None else None
+    torch_dtype = resolve_dtype(dtype, where)
     path = resolve_model_path(name_or_path)
     if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
         raise ModelError(
@@ -258,21 +313,26 @@ def load_model(
         raise
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, config=config
+            path, dtype=torch_dtype, trust_remote_code=trust_remote_code, config=config
         )
     except ValueError as err:
         if "Unrecognized configuration class" in str(err):
             raise ModelError(f"{name_or_path} ({config.model_type}) is not a causal language model") from err
         raise
-    return model
+    return model.to(where) if where is not None else model
 
 
 def load_model_and_tokenizer(
-    name_or_path: str, dtype: str | torch.dtype = "auto", trust_remote_code: bool = False
+    name_or_path: str,
+    dtype: str | torch.dtype = "auto",
+    trust_remote_code: bool = False,
+    device: str | torch.device | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Both at once; the usual entry point."""
+    """Both at once; the usual entry point (`device` as `load_model` takes it)."""
+    if device is not None:
+        device = resolve_device(device)  # a missing GPU is refused before the tokenizer loads
     tokenizer = load_tokenizer(name_or_path, trust_remote_code)
-    return load_model(name_or_path, dtype, trust_remote_code), tokenizer
+    return load_model(name_or_path, dtype, trust_remote_code, device=device), tokenizer
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -337,6 +397,44 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
 def num_layers(model: nn.Module) -> int:
     """Number of decoder blocks (the model's num_hidden_layers)."""
     return len(find_decoder_layers(model))
+
+
+RESIDUAL_WRITERS: tuple[str, ...] = ("o_proj", "down_proj", "out_proj", "c_proj", "dense", "dense_4h_to_h", "fc2")
+"""Short names of the linear layers inside a decoder block whose output is added to the residual stream:
+the attention output and the MLP down projection (Llama/Mistral/Qwen/Gemma, GPT-2's c_proj, GPT-NeoX's dense
+and dense_4h_to_h, OPT/Phi's fc2). Layers writing elsewhere (q_proj, up_proj, ...) are never edited."""
+
+
+def residual_writers(model: nn.Module) -> dict[str, nn.Module]:
+    """{full name: module} of what writes into the residual stream: the token (and learned position) embeddings
+    and, in each decoder block, the linear layers named in RESIDUAL_WRITERS. Shared by the weight
+    orthogonalisation and the runtime directional ablation, so the two edit the same writes."""
+    from transformers.pytorch_utils import Conv1D
+
+    base = unwrap_model(model)
+    blocks = find_decoder_layers(model)
+    block_ids = {id(m) for block in blocks for m in block.modules()}
+    hidden = base.get_input_embeddings().embedding_dim
+    found: dict[str, nn.Module] = {}
+    for name, module in base.named_modules():
+        if isinstance(module, nn.Embedding) and id(module) not in block_ids and module.embedding_dim == hidden:
+            found[name] = module
+        elif (
+            isinstance(module, (nn.Linear, Conv1D))
+            and id(module) in block_ids
+            and name.rsplit(".", 1)[-1] in RESIDUAL_WRITERS
+        ):
+            found[name] = module
+    return found
+
+
+def output_size(module: nn.Module) -> int:
+    """The size of what a residual writer adds to the stream."""
+    if isinstance(module, nn.Embedding):
+        return module.embedding_dim
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    return module.weight.shape[1]  # Conv1D stores [in, out]
 
 
 def default_target_layers(n_layers: int) -> list[int]:

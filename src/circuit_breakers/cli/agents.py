@@ -74,6 +74,9 @@ def agents_command(argv: list[str]) -> int:
 
     recipe = rest if "--config" in rest else ["--config", "agent-embedded", *rest]  # overrides apply to the recipe
     model_cfg, data_cfg, cb_cfg = parse_config(recipe)
+    from ..training.run import place_training
+
+    place_training(model_cfg, cb_cfg)  # a device that is not there: stop before reading the cases
     cases = [c for path in args.cases for c in read_cases(path)]
     base = None
     if args.base_from:  # the base model's scores from an earlier run on the same splits

@@ -51,6 +51,9 @@ def categories_command(argv: list[str]) -> int:
     from ..recipes import parse_config
 
     model_cfg, data_cfg, cb_cfg = parse_config(rest if "--config" in rest else ["--config", "embedded", *rest])
+    from ..training.run import place_training
+
+    place_training(model_cfg, cb_cfg)  # a device that is not there: stop before any work
     name, path = split_spec(args.benchmark)
     prompts = load_benchmark(name, path, data_dir=args.data_dir)
     record = category_experiment(

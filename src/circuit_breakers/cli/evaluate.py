@@ -48,20 +48,76 @@ def eval_command(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="output folder (finished cells are reused when re-run)")
     parser.add_argument("--data_dir", help="data folder laid out like ../shared/data (or $CIRCUIT_BREAKERS_DATA)")
     parser.add_argument("--benign", help="records JSONL of held-out benign answers: capability (teacher-forced loss)")
+    parser.add_argument(
+        "--drift",
+        action="append",
+        help="benign prompts never trained on: NAME[:PATH] (e.g. alpaca:../shared/data) or a prompt file "
+        "(builtin:benign); repeat. Adds KL(base || model) per token and greedy agreement",
+    )
+    parser.add_argument("--drift_limit", type=int, default=200, help="drift prompts in all (a seeded subset)")
+    parser.add_argument("--drift_tokens", type=int, default=16, help="greedy tokens compared per drift prompt")
+    parser.add_argument(
+        "--capability",
+        help="lm_eval:TASK[,TASK...]: lm-evaluation-harness tasks (names, or local task YAML files) every model is "
+        "scored on; needs `pip install 'circuit-breakers[capability]'`",
+    )
+    parser.add_argument("--capability_limit", type=float, help="first N documents per lm-eval task (<1: a share)")
+    parser.add_argument("--capability_fewshot", type=int, help="few-shot examples per lm-eval task (default: its own)")
+    parser.add_argument("--capability_include", help="folder of local lm-eval task YAML files, tasks named by name")
+    parser.add_argument(
+        "--quality_judge",
+        help="hf:PATH (local chat model) or openai:MODEL[@BASE_URL]: compares each model's answers to the --benign "
+        "prompts with the first model's, pairwise in both orders (win / tie / loss)",
+    )
     parser.add_argument("--run_dir", help="training output folder: adds training curves to the report")
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--device", help="e.g. cuda:0 (default: where the model loads)")
+    from ..config import DEVICE_HELP, DTYPE_HELP
+
+    parser.add_argument("--dtype", default="auto", help=DTYPE_HELP)
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    from .data import add_backend_argument
+
+    add_backend_argument(parser)
     parser.add_argument("--strict", action="store_true", help="stop at the first failing cell")
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
+    from ..generation import resolve_backend
+    from ..models import placement
+
+    where = placement(args.device, args.dtype)  # a device that is not there, or an unknown dtype: stop before any work
+    resolve_backend(args.generation_backend, where["device"])  # so does vllm asked for without vLLM installed
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be at least 1")
-    for flag in ("batch_size", "max_new_tokens"):
+    for flag in ("batch_size", "max_new_tokens", "drift_limit", "drift_tokens"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    capability_tasks: list[str] = []
+    capability_options: dict = {}
+    if args.capability:
+        from ..evaluation.capability import parse_capability_spec, require_lm_eval
+
+        capability_tasks = parse_capability_spec(args.capability)
+        require_lm_eval()  # before any model is loaded
+        if args.capability_limit is not None:
+            if args.capability_limit <= 0:
+                raise ValueError(f"--capability_limit must be positive, got {args.capability_limit}")
+            limit = args.capability_limit
+            capability_options["limit"] = int(limit) if limit >= 1 else limit
+        if args.capability_fewshot is not None:
+            if args.capability_fewshot < 0:
+                raise ValueError(f"--capability_fewshot must be at least 0, got {args.capability_fewshot}")
+            capability_options["num_fewshot"] = args.capability_fewshot
+        if args.capability_include:
+            capability_options["include_path"] = args.capability_include
+    quality_judge = None
+    if args.quality_judge:
+        from ..evaluation.quality import make_quality_judge
+
+        if not args.benign:
+            raise ValueError("--quality_judge compares answers to the --benign prompts: give --benign RECORDS.jsonl")
+        quality_judge = make_quality_judge(args.quality_judge)
 
     from pathlib import Path
 
@@ -69,7 +125,7 @@ def eval_command(argv: list[str]) -> int:
     from ..data.records import read_records
     from ..evaluation.compare import evaluate_models
     from ..evaluation.report import write_results
-    from ..evaluation.suite import judge_spec, load_suite, model_specs
+    from ..evaluation.suite import judge_spec, load_drift_prompts, load_suite, model_specs
     from ..evaluation.tables import summary_table
 
     models = model_specs(args.model)
@@ -78,6 +134,7 @@ def eval_command(argv: list[str]) -> int:
     judge, judge_options = judge_spec(args.judge)
     suite = load_suite(args.benchmark or ["harmbench"], args.limit, args.seed, args.data_dir)
     benign = read_records(args.benign) if args.benign else None
+    drift = load_drift_prompts(args.drift, args.drift_limit, args.seed, args.data_dir) if args.drift else None
     result = evaluate_models(
         models,
         suite.harmful,
@@ -95,6 +152,12 @@ def eval_command(argv: list[str]) -> int:
         device=args.device,
         progress=not args.no_progress,
         strict=args.strict,
+        drift_prompts=drift,
+        drift_tokens=args.drift_tokens,
+        capability_tasks=capability_tasks,
+        capability_options=capability_options,
+        quality_judge=quality_judge,
+        generation_backend=args.generation_backend,
     )
     config = {"command": ["eval", *argv], "arguments": vars(args), "benchmark_sources": suite.sources}
     write_results(result, Path(args.out), config, run_dir=Path(args.run_dir) if args.run_dir else None)

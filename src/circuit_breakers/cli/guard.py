@@ -7,6 +7,7 @@ import json
 import os
 
 from .console import console
+from .data import add_device_arguments
 
 API_KEY_ENV = "CIRCUIT_BREAKERS_API_KEY"
 
@@ -29,9 +30,13 @@ def probe_command(argv: list[str]) -> int:
     fit.add_argument("--batch_size", type=int, default=8)
     fit.add_argument("--max_length", type=int, default=512)
     fit.add_argument("--seed", type=int, default=0)
+    add_device_arguments(fit, dtype="float32")
     args = parser.parse_args(argv)
     from ..data.records import read_records
     from ..guard.probes import train_probe_for_model
+    from ..models import placement
+
+    placement(args.device, args.dtype)  # a device that is not there: stop before reading anything
 
     harmful = [r for path in args.harmful.split(",") for r in read_records(path)]
     benign = [r for path in args.benign.split(",") for r in read_records(path)]
@@ -49,6 +54,8 @@ def probe_command(argv: list[str]) -> int:
         args.max_length,
         args.seed,
         args.window,
+        device=args.device,
+        dtype=args.dtype,
     )
     console.print_json(json.dumps(report))
     console.print(f"[bold green]probe[/] {out}")
@@ -64,7 +71,7 @@ def serve_command(argv: list[str]) -> int:
     parser.add_argument("--name", help="model name the API reports (default: --model)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--dtype", default="auto")
+    add_device_arguments(parser)
     parser.add_argument("--max_queue", type=int, default=8, help="requests waiting or running; more get HTTP 429")
     parser.add_argument("--max_time", type=float, default=60.0, help="seconds one generation may take")
     parser.add_argument("--max_new_tokens", type=int, default=512)
@@ -89,7 +96,7 @@ def serve_command(argv: list[str]) -> int:
     from ..guard.probes import Probe, find_probe
     from ..guard.server import DEFAULT_REFUSAL, GuardedGenerator, load_served_model, run_server
 
-    model, tokenizer = load_served_model(args.model, args.adapter, args.dtype)
+    model, tokenizer = load_served_model(args.model, args.adapter, args.dtype, args.device)
     probe_dir = find_probe(args.model, args.probe)
     probe = Probe.load(probe_dir) if probe_dir is not None else None
     console.print(f"[bold]guard[/] {probe_dir if probe else 'none'}")

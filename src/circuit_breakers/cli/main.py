@@ -23,6 +23,7 @@ from .data import data_command
 from .env import env_command
 from .evaluate import eval_command
 from .guard import probe_command, serve_command
+from .redteam import redteam_command
 from .run import run_command, sweep_command
 from .train import interpolate_command, merge_command, train_command
 
@@ -71,6 +72,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "interpolate": interpolate_command,
     "data": data_command,
     "eval": eval_command,
+    "redteam": redteam_command,
     "env": env_command,
     "agents": agents_command,
     "categories": categories_command,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..locks import folder_lock
 from .console import console
+from .data import add_device_arguments
 from .launch import accelerate_launch_command, leave_process_group, pop_launch_flags, relaunch
 
 OVERWRITE_HELP = (
@@ -43,6 +44,10 @@ def train_command(argv: list[str]) -> int:
         return 0
     launch, argv = pop_launch_flags(argv)
     model_cfg, data_cfg, cb_cfg = parse_config(argv)  # bad arguments fail here, once, before any launch
+    from ..models import resolve_device
+
+    resolve_device(model_cfg.device)  # a device that is not there: stop before any launch (each process then
+    # trains on the device accelerate gives it; in one process `training.run.place_training` applies the setting)
     if launch.get("config"):
         n = int(launch["num_processes"]) if "num_processes" in launch else None
         port = int(launch["port"]) if "port" in launch else None
@@ -125,7 +130,7 @@ def interpolate_command(argv: list[str]) -> int:
     """interpolate START END OUT --data VAL: the largest step from START towards END within a capability budget"""
     from ..data.records import read_records
     from ..experiments.interpolate import DEFAULT_GRID, interpolate_within_budget, save_interpolation
-    from ..models import check_output_folder
+    from ..models import check_output_folder, placement
 
     parser = argparse.ArgumentParser(
         prog="circuit-breakers interpolate",
@@ -145,12 +150,21 @@ def interpolate_command(argv: list[str]) -> int:
     parser.add_argument("--max_loss_change", type=float, default=0.05, help="relative budget (0.05: +5%%)")
     parser.add_argument("--grid", default=",".join(f"{w:g}" for w in DEFAULT_GRID), help="weights to try (comma list)")
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    add_device_arguments(parser)
     args = parser.parse_args(argv)
+    placement(args.device, args.dtype)  # a device that is not there: stop before any work
     check_output_folder(args.out_dir, args.overwrite)  # before the models are loaded and compared
     grid = [float(w) for w in args.grid.split(",")]
     with folder_lock(args.out_dir, "output folder"):  # a second export into the same folder is refused
         model, result = interpolate_within_budget(
-            args.start, args.end, read_records(args.data), args.base, args.max_loss_change, grid
+            args.start,
+            args.end,
+            read_records(args.data),
+            args.base,
+            args.max_loss_change,
+            grid,
+            device=args.device,
+            dtype=args.dtype,
         )
         for weight, change in result.tried:
             console.print(f"  w {weight:<4g} loss {change:+.1%}")

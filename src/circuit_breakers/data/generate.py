@@ -19,7 +19,14 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..generation import generate_batches, generation_config, render_prompts, stop_token_ids
+from ..generation import (
+    generate_batches,
+    generation_config,
+    is_vllm_model,
+    render_prompts,
+    stop_token_ids,
+    vllm_source,
+)
 from .prompts import Prompt, load_builtin_prompts
 from .records import DataError, Kind, Record, read_records, write_records
 from .refusal import looks_like_refusal
@@ -32,7 +39,10 @@ __all__ = [
     "generate_completions",
     "generate_refusal_retain",
     "looks_like_refusal",
+    "model_words",
     "read_generated",
+    "refuses",
+    "split_refusals",
     "target_prefill",
 ]
 
@@ -175,7 +185,8 @@ def generate_completions(
     texts = render_prompts(tokenizer, [prompt.to_messages(system_prompt) for prompt in todo], starts)
     config = generation_config(model, tokenizer, max_new_tokens)
     stop_ids = set(config.eos_token_id)
-    generator = getattr(model.config, "_name_or_path", None) or type(model).__name__
+    name = vllm_source(model) if is_vllm_model(model) else getattr(model.config, "_name_or_path", None)
+    generator = name or type(model).__name__
     bar = _progress(progress, len(items), len(items) - len(todo), f"generating {kind}")
     try:
         batches = closing(generate_batches(model, tokenizer, texts, config, batch_size))
@@ -228,7 +239,7 @@ def generate_refusal_retain(
         raise DataError("raw_path must differ from out_path")
     records = generate_completions(model, tokenizer, prompts, raw, kind="refusal_retain", **kwargs)
     for record in records:
-        record.meta["refusal"] = looks_like_refusal(record.completion)
+        record.meta["refusal"] = refuses(record)
     kept = [r for r in records if r.meta["refusal"]] if only_refusals else records
     write_records(kept, out_path)
     return kept
@@ -244,3 +255,32 @@ def generate_benign_retain(
     """The model's own answers to benign prompts (default: the packaged `benign` set) as retain records."""
     items = load_builtin_prompts("benign") if prompts is None else prompts
     return generate_completions(model, tokenizer, items, out_path, kind="retain", **kwargs)
+
+
+def model_words(record: Record) -> str:
+    """The completion less the prefill it started with: what the model itself wrote. A refusal-trained model
+    often refuses right after "Sure, here is", and refusal phrases are looked for at the start of a text."""
+    prefill = str(record.meta.get("prefill") or "")
+    text = record.completion
+    return text[len(prefill) :] if prefill and text.startswith(prefill) else text
+
+
+def refuses(record: Record, detect: Callable[[str], bool] = looks_like_refusal) -> bool:
+    """Whether a completion refuses: the whole of it (a refusal prefill counts), or the model's own words after
+    a compliant prefill ("Sure, here is ... Sorry, I can't")."""
+    words = model_words(record)
+    return detect(record.completion) or (words != record.completion and detect(words))
+
+
+def split_refusals(
+    records: Iterable[Record], detect: Callable[[str], bool] = looks_like_refusal
+) -> tuple[list[Record], list[Record]]:
+    """(compliant, refusing) harmful completions, judged by `refuses` (with `detect`).
+
+    A refusal kept as circuit-breaker data would teach the model to break its own refusals, so the data stage
+    drops these rows from the rerouting set (and may retain them as refusals)."""
+    compliant: list[Record] = []
+    refusing: list[Record] = []
+    for record in records:
+        (refusing if refuses(record, detect) else compliant).append(record)
+    return compliant, refusing

@@ -124,6 +124,76 @@ def training_summary(run_dir: str | Path | None) -> dict[str, Any] | None:
     return None
 
 
+def _lm_eval_quality_sections(doc: Mapping[str, Any]) -> list[str]:
+    """lm-eval scores with standard errors and paired differences; pairwise quality win / tie / loss."""
+    metrics, models, parts = doc["metrics"], list(doc["models"]), []
+    if (metrics.get("lm_eval") or {}).get("scores"):
+        from .capability import lm_eval_rows
+
+        parts += [
+            "<h2>Capability: lm-eval tasks</h2>",
+            _table(*lm_eval_rows(metrics["lm_eval"], models)),
+            "<p class='note'>"
+            + html.escape(
+                "Score ± lm-eval's standard error per model; the difference to the first model is paired over the "
+                "documents both were scored on (standard error of the per-document differences, 95% bootstrap "
+                "interval); on a group of tasks it is the difference of the two scores."
+            )
+            + "</p>",
+        ]
+    if metrics.get("quality"):
+        from .quality import quality_rows
+
+        parts += [
+            "<h2>Generation quality, pairwise</h2>",
+            _table(*quality_rows(metrics["quality"], doc.get("reference_model") or models[0])),
+            "<p class='note'>"
+            + html.escape(
+                "A judge model compared each model's answer to a benign prompt with the reference model's, once in "
+                "each order; a win or loss counts only when both orders agree, else a tie. Win: the model's answer "
+                "was judged better than the reference's. 95% bootstrap intervals over prompts."
+            )
+            + "</p>",
+        ]
+    return parts
+
+
+def _drift_section(doc: Mapping[str, Any]) -> list[str]:
+    """Distribution shift on benign prompts: KL per token and greedy agreement of each model with the
+    reference, and what the two numbers mean."""
+    metrics = doc["metrics"]
+    kl, agreement = metrics.get("kl_divergence") or {}, metrics.get("greedy_agreement") or {}
+    if not kl and not agreement:
+        return []
+    settings = doc.get("settings") or {}
+    rows = []
+    for m in dict.fromkeys([*kl, *agreement]):
+        k, a = kl.get(m) or {}, agreement.get(m) or {}
+        rows.append(
+            [
+                m,
+                f"{k['value']:.4f} [{k['low']:.4f}, {k['high']:.4f}]" if k.get("value") is not None else "-",
+                f"{k['mean_record']:.4f}" if k.get("mean_record") is not None else "-",
+                f"{k.get('n_tokens', '-')} / {k.get('n_records', '-')}",
+                f"{rate_cell(a)} ({a.get('k')}/{a.get('n')})" if a else "-",
+            ]
+        )
+    note = (
+        f"On {settings.get('n_drift_prompts', '?')} benign prompts no training saw "
+        f"({', '.join(settings.get('drift_prompt_sources') or []) or 'unknown sources'}). KL: the mean "
+        f"KL({doc.get('reference_model')} || model) of next-token distributions, in nats per token, teacher-forced "
+        "over the reference model's own greedy answers (its benign behaviour), with a 95% bootstrap interval over "
+        "prompts; 0 means the same distributions. Greedy agreement: the share of prompts whose first "
+        f"{settings.get('drift_tokens', 'N')} greedy tokens are identical, with a 95% Wilson interval. Both need no "
+        "judge and read the same on any model size."
+    )
+    return [
+        "<h2>Distribution shift on benign text</h2>",
+        _table(["model", "KL per token [95%]", "mean per prompt", "tokens / prompts", "greedy agreement"], rows),
+        "<p class='note'>" + html.escape(note) + "</p>",
+    ]
+
+
 # --------------------------------------------------------------------------------------------------
 # results.json
 
@@ -464,6 +534,8 @@ def render_html(
         parts.append(_table(["model", "source", "compliance on safe prompts"], src_rows))
     if metrics.get("capability"):
         parts += ["<h2>Capability</h2>", _img(plot_capability(doc), "capability")]
+    parts += _drift_section(doc)
+    parts += _lm_eval_quality_sections(doc)
     if training_log:
         parts += ["<h2>Training</h2>", _img(plot_training(training_log), "training curves")]
         summary = (doc.get("training") or {}).get("summary")

@@ -14,11 +14,19 @@ from typing import Any
 
 from ..data.refusal import detect_refusal
 from ..fileio import json_safe
+from .drift import kl_summary, prefix_agreement
 from .judges import Verdict
 from .metrics import best_of_n, bootstrap_ci, paired_difference, per_category, rate
 
 __all__ = [
     "CAPABILITY",
+    "DRIFT_CELLS",
+    "DRIFT_GREEDY",
+    "DRIFT_KL",
+    "LM_EVAL",
+    "QUALITY",
+    "QUALITY_ANSWERS",
+    "SCORE_CELLS",
     "OVER_REFUSAL",
     "EvalResult",
     "Sample",
@@ -32,6 +40,20 @@ OVER_REFUSAL = "over_refusal"
 """Cell name of the safe-prompt generations (compliance there is good; refusal is over-refusal)."""
 CAPABILITY = "capability"
 """Cell name of the teacher-forced loss on held-out benign answers."""
+DRIFT_GREEDY = "drift_greedy"
+"""Cell name of the reference's first greedy tokens (text and ids) on the benign drift prompts."""
+DRIFT_KL = "drift_kl"
+"""Cell name of KL(reference || model) and the agreed greedy prefix per drift prompt, over the reference's answers."""
+DRIFT_CELLS = (DRIFT_GREEDY, DRIFT_KL)
+"""Cells that hold no samples and are no attack."""
+LM_EVAL = "lm_eval"
+"""Cell name of a model's lm-evaluation-harness scores (`capability.run_lm_eval`)."""
+QUALITY_ANSWERS = "quality_answers"
+"""Cell name of a model's answers to the benign prompts that the pairwise quality judge reads."""
+QUALITY = "quality"
+"""Cell name of the pairwise verdicts of a model's answers against the reference's (`quality.judge_pairs`)."""
+SCORE_CELLS = (LM_EVAL, QUALITY_ANSWERS, QUALITY)
+"""lm-eval and quality cells: they hold no samples and are no attack either."""
 
 
 @dataclass
@@ -70,7 +92,10 @@ class Sample:
 
 @dataclass
 class EvalResult:
-    """Everything a report needs: settings, samples, capability losses and the metrics made of them.
+    """Everything a report needs: settings, samples, capability losses, drift readings (`greedy`: the
+    reference's greedy answers to the drift prompts; `drift_kl`: per prompt (summed KL, tokens, agreed
+    greedy prefix) from the reference), lm-eval scores per model (`lm_eval`), pairwise quality verdicts
+    per model against the reference (`quality`) and the metrics made of them.
 
     `models` maps display name to what was loaded (a path / hub id, or "<in-memory>"); the first
     model is the reference the others are compared with (the base model).
@@ -82,6 +107,10 @@ class EvalResult:
     samples: list[Sample]
     capability: dict[str, list[float]] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    greedy: dict[str, list[str]] = field(default_factory=dict)
+    drift_kl: dict[str, list[list[float]]] = field(default_factory=dict)
+    lm_eval: dict[str, dict[str, Any]] = field(default_factory=dict)
+    quality: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     errors: list[dict[str, Any]] = field(default_factory=list)
     out_dir: Path | None = None
@@ -154,6 +183,10 @@ def compute_metrics(result: EvalResult, seed: int = 0) -> dict[str, Any]:
         "over_refusal_difference": {},
         "capability": {},
         "capability_change": {},
+        "kl_divergence": {},
+        "greedy_agreement": {},
+        "lm_eval": {},
+        "quality": {},
     }
     for attack in result.attacks:
         flags = {n: _per_prompt(result.cell(n, attack)) for n in names if result.cell(n, attack)}
@@ -187,18 +220,49 @@ def compute_metrics(result: EvalResult, seed: int = 0) -> dict[str, Any]:
             "compliance": rate(list(f.values()), seed=seed).to_dict(),
             "refusal": rate([not v for v in f.values()], seed=seed).to_dict(),
             "compliance_by_source": {k: rate(v, seed=seed).to_dict() for k, v in sorted(by_source.items())},
+            "refusal_by_source": {
+                k: rate([not x for x in v], seed=seed).to_dict() for k, v in sorted(by_source.items())
+            },
         }
     if reference in safe:
         metrics["over_refusal_difference"] = {
             n: _paired(safe[reference], f, seed) for n, f in safe.items() if n != reference
         }
+        source_of_safe = {s.prompt_id: s.source or "unknown" for s in result.cell(reference, OVER_REFUSAL)}
+        metrics["over_refusal_difference_by_source"] = {
+            n: {
+                src: _paired(
+                    {i: v for i, v in safe[reference].items() if source_of_safe.get(i) == src},
+                    {i: v for i, v in f.items() if source_of_safe.get(i) == src},
+                    seed,
+                )
+                for src in sorted(set(source_of_safe.values()))
+            }
+            for n, f in safe.items()
+            if n != reference
+        }
     for n, losses in result.capability.items():
         metrics["capability"][n] = _mean_ci(losses, seed)
+    for n, rows in result.drift_kl.items():
+        metrics["kl_divergence"][n] = kl_summary(rows, seed).to_dict()
+        if rows and all(len(row) >= 3 for row in rows):  # (KL, tokens, agreed prefix): drift.answer_drift
+            metrics["greedy_agreement"][n] = {
+                **prefix_agreement(rows).to_dict(),
+                "tokens": result.settings.get("drift_tokens"),
+            }
     if reference in result.capability:
         ref = result.capability[reference]
         for n, losses in result.capability.items():
             if n != reference and len(losses) == len(ref) and ref:
                 metrics["capability_change"][n] = _relative_change(ref, losses, seed)
+    if result.lm_eval:
+        from .capability import lm_eval_metrics
+
+        metrics["lm_eval"] = lm_eval_metrics(result.lm_eval, reference, seed)
+    if result.quality:
+        from .quality import quality_metrics
+
+        metrics["quality"] = {n: quality_metrics(v, seed) for n, v in result.quality.items() if n != reference}
     return metrics
 
 

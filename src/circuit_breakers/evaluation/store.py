@@ -16,7 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from ..fileio import json_safe, write_jsonl_atomic, write_text_atomic
-from .results import CAPABILITY, OVER_REFUSAL, EvalResult, Sample
+from .results import (
+    CAPABILITY,
+    DRIFT_CELLS,
+    DRIFT_GREEDY,
+    DRIFT_KL,
+    LM_EVAL,
+    OVER_REFUSAL,
+    QUALITY,
+    SCORE_CELLS,
+    EvalResult,
+    Sample,
+)
 
 __all__ = ["CELLS_FILE", "META_FILE", "SAMPLES_FILE", "SCHEMA", "CellStore", "load_result", "result_from_store"]
 
@@ -125,7 +136,7 @@ def result_from_store(store: CellStore, models: Iterable[str] | None = None) -> 
     attacks = meta.get("attacks") or {
         e["cell"]: e.get("attack_settings", {})
         for e in store.cells.values()
-        if e["cell"] not in (OVER_REFUSAL, CAPABILITY)
+        if e["cell"] not in (OVER_REFUSAL, CAPABILITY, *DRIFT_CELLS, *SCORE_CELLS)
     }
     result = EvalResult(
         models={n: meta.get("models", {}).get(n, n) for n in names},
@@ -136,6 +147,16 @@ def result_from_store(store: CellStore, models: Iterable[str] | None = None) -> 
             e["model"]: e["losses"] for e in store.cells.values() if e["cell"] == CAPABILITY and e["model"] in names
         },
         settings=meta.get("settings", {}),
+        greedy={
+            e["model"]: e["answers"] for e in store.cells.values() if e["cell"] == DRIFT_GREEDY and e["model"] in names
+        },
+        drift_kl={e["model"]: e["kl"] for e in store.cells.values() if e["cell"] == DRIFT_KL and e["model"] in names},
+        lm_eval={
+            e["model"]: e["lm_eval"] for e in store.cells.values() if e["cell"] == LM_EVAL and e["model"] in names
+        },
+        quality={
+            e["model"]: e["verdicts"] for e in store.cells.values() if e["cell"] == QUALITY and e["model"] in names
+        },
         out_dir=Path(out_dir),
         timings={f"{e['model']}/{e['cell']}": e.get("seconds", math.nan) for e in store.cells.values()},
     )

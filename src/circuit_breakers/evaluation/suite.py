@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data.benchmarks import BENCHMARKS, benchmark_source, is_harmful, load_benchmark
+from ..data.benchmarks import BENCHMARKS, benchmark_source, is_harmful, load_benchmark, subsample
 from ..data.prompts import Prompt
 from .judges import JUDGES
 
@@ -81,6 +81,33 @@ def load_suite(
     if not suite.harmful and not suite.safe:
         raise ValueError("the benchmarks gave no prompts")
     return suite
+
+
+def load_drift_prompts(
+    specs: Sequence[str], limit: int | None = None, seed: int = 0, data_dir: str | Path | None = None
+) -> list[Prompt]:
+    """Benign prompts for the distribution-shift check from `NAME[:PATH]` benchmarks (e.g. `alpaca`) or prompt
+    files (`builtin:benign`, CSV / JSON / JSONL / TXT): duplicates by text dropped, then a seeded subset of `limit`."""
+    from ..data.loaders import load_prompt_file
+
+    prompts: list[Prompt] = []
+    seen: set[str] = set()
+    for value in specs:
+        name, path = split_spec(value)
+        if name in BENCHMARKS:
+            loaded = load_benchmark(name, path, data_dir=data_dir)
+        else:
+            loaded = load_prompt_file(value)
+            for prompt in loaded:
+                prompt.source = prompt.source or value
+        for prompt in loaded:
+            key = " ".join(prompt.text.lower().split())
+            if key not in seen:
+                seen.add(key)
+                prompts.append(prompt)
+    if not prompts:
+        raise ValueError(f"--drift {', '.join(specs)}: no prompts")
+    return subsample(prompts, limit, seed)
 
 
 _MODEL_ARGUMENT = {"offline": "reference", "harmbench": "model", "llamaguard": "model", "openai": "model"}

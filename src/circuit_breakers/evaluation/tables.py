@@ -1,5 +1,6 @@
-"""Plain-text tables of a results document: the summary (ASR per attack, over-refusal, capability, paired
-differences) and held-out ASR per source with the trigger rate; the terminal's view of what report.html shows.
+"""Plain-text tables of a results document: the summary (ASR per attack, over-refusal in all and per prompt
+set, capability, KL and greedy agreement on benign text, paired differences) and held-out ASR per source
+with the trigger rate; the terminal's view of what report.html shows.
 """
 
 from __future__ import annotations
@@ -51,19 +52,23 @@ def summary_rows(doc: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     refusal = metrics.get("over_refusal", {})
     if refusal:
         diffs = metrics.get("over_refusal_difference", {})
-        # The difference is of compliance; over-refusal moves the opposite way.
-        flipped = {
-            m: {**d, "difference": -d["difference"], "low": -d["high"], "high": -d["low"]}
-            for m, d in diffs.items()
-            if d.get("difference") is not None
-        }
         rows.append(
             [
                 "over-refusal (safe prompts refused)",
                 *(rate_cell(refusal.get(m, {}).get("refusal")) for m in models),
-                *(_diff(flipped.get(m)) for m in others),
+                *(_diff(_flipped(diffs.get(m))) for m in others),
             ]
         )
+        sources = sorted({s for m in models for s in refusal.get(m, {}).get("refusal_by_source", {})})
+        by_source = metrics.get("over_refusal_difference_by_source", {})
+        for source in sources if len(sources) > 1 else []:
+            rows.append(
+                [
+                    f"  over-refusal: {source}",
+                    *(rate_cell(refusal.get(m, {}).get("refusal_by_source", {}).get(source)) for m in models),
+                    *(_diff(_flipped(by_source.get(m, {}).get(source))) for m in others),
+                ]
+            )
     capability = metrics.get("capability", {})
     if capability:
         change = metrics.get("capability_change", {})
@@ -81,7 +86,44 @@ def summary_rows(doc: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
             )
 
         rows.append(["benign loss (capability)", *(loss(m) for m in models), *(rel(m) for m in others)])
+    kl, agreement = metrics.get("kl_divergence", {}), metrics.get("greedy_agreement", {})
+    if kl:
+        rows.append(
+            [
+                f"KL({reference} || model) per token, benign",
+                *("reference" if m == reference else _kl_cell(kl.get(m)) for m in models),
+                *("-" for _ in others),
+            ]
+        )
+    if agreement:
+        tokens = next((e.get("tokens") for e in agreement.values() if e.get("tokens")), None)
+        rows.append(
+            [
+                f"greedy agreement, first {tokens or 'N'} tokens",
+                *("reference" if m == reference else _agreement_cell(agreement.get(m)) for m in models),
+                *("-" for _ in others),
+            ]
+        )
     return header, rows
+
+
+def _flipped(entry: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A paired difference of compliance as one of refusal (over-refusal moves the opposite way)."""
+    if not entry or entry.get("difference") is None or entry.get("low") is None:
+        return None
+    return {**entry, "difference": -entry["difference"], "low": -entry["high"], "high": -entry["low"]}
+
+
+def _kl_cell(entry: Mapping[str, Any] | None) -> str:
+    if not entry or entry.get("value") is None or not math.isfinite(entry["value"]):
+        return "-"
+    return f"{entry['value']:.4f} [{entry['low']:.4f}, {entry['high']:.4f}] nats ({entry['n_tokens']} tokens)"
+
+
+def _agreement_cell(entry: Mapping[str, Any] | None) -> str:
+    if not entry or entry.get("value") is None or not math.isfinite(entry["value"]):
+        return "-"
+    return f"{rate_cell(entry)} ({entry['k']}/{entry['n']})"
 
 
 def source_rows(

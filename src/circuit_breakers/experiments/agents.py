@@ -85,7 +85,7 @@ def agent_experiment(
     # "too broad": the benign split's cases whose correct call uses an injection's favourite tool
     evals["too_broad"] = [c for c in splits["benign"] if c.correct_call and c.correct_call["name"] in favourites]
     eval_counts = {k: len(v) for k, v in evals.items()}
-    base, tokenizer = load_model_and_tokenizer(model_cfg.model_name_or_path, model_cfg.dtype)
+    base, tokenizer = load_model_and_tokenizer(model_cfg.model_name_or_path, model_cfg.dtype, device=model_cfg.device)
     if base_result is not None:  # scores of the same base model on the same splits: reuse them
         if not base_scores_apply(base_result, eval_counts, heldout_attacks, seed, model_cfg, data_cfg):
             raise ValueError("--base_from was made with other splits or another recipe; its base scores do not apply")
@@ -94,7 +94,7 @@ def agent_experiment(
         before = evaluate_splits(base, tokenizer, evals, data_cfg.max_length, eval_batch_size, favourites)
     del base
     result = train(model_cfg, data_cfg, cb_cfg, cb_records, retain_records)
-    broken = load_model(str(result.merged_dir), model_cfg.dtype)
+    broken = load_model(str(result.merged_dir), model_cfg.dtype, device=model_cfg.device)
     after = evaluate_splits(broken, tokenizer, evals, data_cfg.max_length, eval_batch_size, favourites)
     return {
         "settings": recipe_settings(model_cfg, data_cfg, cb_cfg),

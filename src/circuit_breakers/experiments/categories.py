@@ -180,7 +180,7 @@ def category_experiment(
         write_prompts(eval_prompts, eval_path)
     train_prompts, eval_prompts = read_prompts(train_path), read_prompts(eval_path)
 
-    model, tokenizer = load_model_and_tokenizer(model_cfg.model_name_or_path)
+    model, tokenizer = load_model_and_tokenizer(model_cfg.model_name_or_path, model_cfg.dtype, device=model_cfg.device)
     cb_records = generate_completions(
         model,
         tokenizer,
@@ -240,6 +240,8 @@ def category_experiment(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         out_dir=out / "eval",
+        dtype=model_cfg.dtype,
+        device=model_cfg.device,
     )
     record = {
         "categories": categories,

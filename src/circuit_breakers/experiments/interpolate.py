@@ -14,7 +14,7 @@ on a grid, not bisected: the loss change along the line is not monotone.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,12 +22,9 @@ import torch
 from torch import nn
 
 from ..data.records import Record
+from ..evaluation.tamper.weights import InterpolationError, check_compatible, set_interpolated
 
 DEFAULT_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)
-
-
-class InterpolationError(ValueError):
-    """Models that cannot be interpolated, or no weight within the budget."""
 
 
 @dataclass
@@ -44,30 +41,6 @@ class Interpolation:
     n_records: int = 0
 
 
-def check_compatible(start: Mapping[str, torch.Tensor], end: Mapping[str, torch.Tensor]) -> None:
-    """Refuse two state dicts that are not the same architecture (names and shapes), naming the first difference."""
-    missing, extra = sorted(set(start) - set(end)), sorted(set(end) - set(start))
-    if missing or extra:
-        raise InterpolationError(
-            f"the models differ in parameters: only in start {missing[:3]}, only in end {extra[:3]}"
-        )
-    for name, tensor in start.items():
-        if tensor.shape != end[name].shape:
-            raise InterpolationError(f"{name}: shape {tuple(tensor.shape)} in start, {tuple(end[name].shape)} in end")
-
-
-@torch.no_grad()
-def set_interpolated(
-    model: nn.Module, start: Mapping[str, torch.Tensor], end: Mapping[str, torch.Tensor], weight: float
-) -> None:
-    """Write `start + weight * (end - start)` into `model`'s parameters and buffers, in place (computed in
-    float32, cast to each tensor's dtype); tied weights are written twice with the same value."""
-    targets = model.state_dict()
-    for name, tensor in targets.items():
-        a, b = start[name].float(), end[name].float()
-        tensor.copy_((a + weight * (b - a)).to(tensor.dtype))
-
-
 def interpolate_within_budget(
     start: str | Path,
     end: str | Path,
@@ -76,24 +49,29 @@ def interpolate_within_budget(
     max_loss_change: float = 0.05,
     grid: Sequence[float] = DEFAULT_GRID,
     batch_size: int = 8,
+    device: str = "auto",
+    dtype: str = "auto",
 ) -> tuple[nn.Module, Interpolation]:
     """The model at the largest grid weight whose teacher-forced loss on `records` is at most
     `1 + max_loss_change` times the base model's, and how it was chosen. Raises InterpolationError
-    when no weight on the grid is within the budget (the start itself may not be). Works in float32 and
-    holds three copies of the weights (the model, start, end): about 1.6 GB for the embedded model."""
+    when no weight on the grid is within the budget (the start itself may not be). The models are read on
+    `device` in `dtype`; the start and end weights are kept on the CPU in float32 (the sums are made there)
+    beside the model, three copies of the weights in all."""
     from ..evaluation.capability import teacher_forced_loss
-    from ..models import load_model, load_tokenizer
+    from ..models import load_model, load_tokenizer, resolve_device, resolve_dtype
 
     if not records:
         raise InterpolationError("no validation records to read the budget on")
     start, end = str(start), str(end)
     tokenizer = load_tokenizer(base)
-    base_model = load_model(base, dtype=torch.float32)
+    base_model = load_model(base, dtype=dtype, device=device)
     base_loss = teacher_forced_loss(base_model, tokenizer, records, batch_size=batch_size).mean_loss
     del base_model
     end_state = {k: v.detach() for k, v in load_model(end, dtype=torch.float32).state_dict().items()}
     model = load_model(start, dtype=torch.float32)
     start_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    where = resolve_device(device)
+    model = model.to(where, resolve_dtype(dtype, where))
     check_compatible(start_state, end_state)
     result = Interpolation(
         weight=float("nan"),

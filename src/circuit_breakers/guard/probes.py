@@ -424,13 +424,16 @@ def train_probe_for_model(
     max_length: int = 512,
     seed: int = 0,
     window: int = 8,
+    device: str = "auto",
+    dtype: str = "float32",
 ) -> tuple[Path, dict[str, Any]]:
-    """`fit_probe` on a model loaded by name (float32; `layer` None: the middle of the model), then the
+    """`fit_probe` on a model loaded by name onto `device` (float32 unless `dtype` says otherwise: the probe
+    reads hidden states; `layer` None: the middle of the model), then the
     probe saved in `out_dir` with `probe_report.json` (the model's name and the held-out report), so a
     probe folder says what it reads and how well it did. Returns (the folder, the report)."""
     from ..models import load_model_and_tokenizer, num_layers
 
-    model, tokenizer = load_model_and_tokenizer(model_name, "float32")
+    model, tokenizer = load_model_and_tokenizer(model_name, dtype, device=device)
     layer = layer if layer is not None else num_layers(model) // 2
     probe, report = fit_probe(
         model, tokenizer, harmful, benign, layer, kind, target_fpr, epochs, lr, batch_size, max_length, seed, window

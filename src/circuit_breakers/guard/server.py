@@ -460,11 +460,14 @@ def run_server(
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 
-def load_served_model(model_name: str, adapter: str | None = None, dtype: str = "auto") -> tuple[Any, Any]:
-    """(model, tokenizer) to serve: a base or merged model by name, with a LoRA `adapter` folder on top if given."""
+def load_served_model(
+    model_name: str, adapter: str | None = None, dtype: str = "auto", device: str = "auto"
+) -> tuple[Any, Any]:
+    """(model, tokenizer) to serve: a base or merged model by name on `device`, with a LoRA `adapter` folder
+    on top if given (peft puts the adapter where the model is)."""
     from ..models import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(model_name, dtype)
+    model, tokenizer = load_model_and_tokenizer(model_name, dtype, device=device)
     if adapter:
         from peft import PeftModel
 

@@ -8,6 +8,7 @@ import errno
 import hashlib
 import json
 import logging
+import os
 import shutil
 from collections import Counter
 from collections.abc import Sequence
@@ -43,6 +44,8 @@ from ..models import (
     find_decoder_layers,
     load_model_and_tokenizer,
     num_layers,
+    resolve_device,
+    resolve_dtype,
     set_layer_path,
     truncate_layers,
     validate_layers,
@@ -98,8 +101,8 @@ def setup_model(
 ) -> tuple[PeftModel, PreTrainedTokenizerBase, dict[str, Any]]:
     """Load, plan layers, truncate above the deepest target, add LoRA. Returns model, tokenizer, plan."""
     set_seed(cb_cfg.seed)
-    model, tokenizer = load_model_and_tokenizer(
-        model_cfg.model_name_or_path, model_cfg.dtype, model_cfg.trust_remote_code
+    model, tokenizer = load_model_and_tokenizer(  # on the CPU; the Trainer moves it to its device
+        model_cfg.model_name_or_path, resolve_dtype(model_cfg.dtype, cb_cfg.device), model_cfg.trust_remote_code
     )
     if model_cfg.layers_path:
         set_layer_path(model, model_cfg.layers_path)
@@ -249,7 +252,7 @@ def run_identity(
     own = {f.name for f in fields(CircuitBreakerConfig)} - {f.name for f in fields(TrainingArguments)}
     train_keys = sorted((own - set(_OPERATIONAL_KEYS)) | set(_TRAJECTORY_KEYS))
     identity = {
-        "model": asdict(model_cfg),
+        "model": {k: v for k, v in asdict(model_cfg).items() if k != "device"},  # where it ran, not what
         "data": {k: v for k, v in asdict(data_cfg).items() if k not in ("cb_data", "retain_data")},
         "data content": {"circuit_breaker": _digest(cb_records), "retain": _digest(retain_records)},
         "train": {k: _plain(getattr(cb_cfg, k, None)) for k in train_keys},
@@ -371,8 +374,12 @@ def _check_adapter(adapter_dir: Path, checkpoint_note: str = "") -> None:
     from safetensors.torch import load_file
 
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    if not tensors:
+        raise CheckpointError(
+            "exported adapter holds no LoRA weights: no name in the trained model's state dict matched the adapter's"
+        )
     empty = [k for k, t in tensors.items() if t.numel() == 0]
-    if empty or not tensors:
+    if empty:
         raise CheckpointError(f"exported adapter has empty tensors ({empty[:3]}): sharded weights were not gathered")
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
@@ -383,6 +390,25 @@ def _check_adapter(adapter_dir: Path, checkpoint_note: str = "") -> None:
         )
     if all(t.abs().sum() == 0 for k, t in tensors.items() if "lora_B" in k):
         logger.warning("every lora_B in the exported adapter is zero: the adapter changes nothing")
+
+
+def place_training(model_cfg: ModelConfig, cb_cfg: CircuitBreakerConfig) -> CircuitBreakerConfig:
+    """The training arguments that train where `model_cfg.device` says; the Trainer (through accelerate) places
+    the model. A device that is not there is refused (ModelError); `cpu` on a machine with an accelerator sets
+    `use_cpu`; under `accelerate launch` / torchrun each process's own device wins and the setting is only
+    checked; `cuda:N` with several GPUs visible is refused, as the Trainer would use them all."""
+    device = resolve_device(model_cfg.device)
+    if "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return cb_cfg
+    if device.type == "cpu":
+        accelerator = torch.cuda.is_available() or torch.backends.mps.is_available()
+        return dataclasses.replace(cb_cfg, use_cpu=True) if accelerator and not cb_cfg.use_cpu else cb_cfg
+    if model_cfg.device.strip().lower().startswith("cuda:") and torch.cuda.device_count() > 1:
+        raise ConfigError(
+            f"device {model_cfg.device}: training in one process uses every visible GPU; choose the GPU with "
+            f"CUDA_VISIBLE_DEVICES={device.index} and device cuda, or use accelerate launch (--accelerate-config)"
+        )
+    return cb_cfg
 
 
 def train(
@@ -399,6 +425,7 @@ def train(
     files. Raises TrainingInterrupted after SIGTERM/SIGINT (a checkpoint of that step is written),
     CheckpointError when a checkpoint or export cannot be written (the previous checkpoint is intact).
     """
+    cb_cfg = place_training(model_cfg, cb_cfg)
     if cb_records is None or retain_records is None:
         if not data_cfg.cb_data or not data_cfg.retain_data:
             load_sets(data_cfg)  # raises the usual message

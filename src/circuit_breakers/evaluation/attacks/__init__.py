@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .attacker import ATTACKER_SYSTEM_PROMPT, Attacker, EndpointAttacker, ModelAttacker, parse_attacker_reply
 from .base import (
     DEFAULT_TARGET,
     Attack,
@@ -25,11 +26,15 @@ from .base import (
     shared_context,
     with_suffix,
 )
+from .best_of_n import BestOfNAttack, add_noise, augment, flip_case, scramble_words
 from .conversation import BENIGN_HISTORY, DirectAttack, MultiTurnAttack, PrefillAttack
 from .embedding import EmbeddingAttack, EmbeddingResult, embedding_optimize
 from .gcg import GCGAttack, GCGResult, gcg_optimize, nanogcg_available
 from .loss import target_loss
+from .pair import PairAttack
 from .refusal_direction import DirectionIntervention, RefusalDirectionAttack, refusal_direction
+from .search import SearchAttack, SearchedInput, rating
+from .tap import TapAttack, on_topic
 from .templates import PLACEHOLDER, TemplateAttack, fill_template, load_templates
 
 ATTACKS: dict[str, type[Attack]] = {
@@ -42,6 +47,9 @@ ATTACKS: dict[str, type[Attack]] = {
         EmbeddingAttack,
         RefusalDirectionAttack,
         MultiTurnAttack,
+        BestOfNAttack,
+        PairAttack,
+        TapAttack,
     )
 }
 """Attack classes by name, in the order reports list them."""
@@ -67,6 +75,7 @@ def make_attack(name: str, budget: str = "default", **options: Any) -> Attack:
 
 
 __all__ = [
+    "ATTACKER_SYSTEM_PROMPT",
     "ATTACKS",
     "BENIGN_HISTORY",
     "BUDGETS",
@@ -76,27 +85,42 @@ __all__ = [
     "AttackError",
     "AttackInput",
     "AttackPrompt",
+    "Attacker",
+    "BestOfNAttack",
     "DirectAttack",
     "DirectionIntervention",
     "EmbeddingAttack",
     "EmbeddingResult",
+    "EndpointAttacker",
     "GCGAttack",
     "GCGResult",
     "Intervention",
+    "ModelAttacker",
     "MultiTurnAttack",
+    "PairAttack",
     "PrefillAttack",
     "RefusalDirectionAttack",
+    "SearchAttack",
+    "SearchedInput",
+    "TapAttack",
     "TemplateAttack",
+    "add_noise",
+    "augment",
     "coerce_prompt",
     "coerce_prompts",
     "embedding_optimize",
     "fill_template",
+    "flip_case",
     "gcg_optimize",
     "load_templates",
     "make_attack",
     "nanogcg_available",
+    "on_topic",
     "option_names",
+    "parse_attacker_reply",
+    "rating",
     "refusal_direction",
+    "scramble_words",
     "shared_context",
     "target_loss",
     "with_suffix",

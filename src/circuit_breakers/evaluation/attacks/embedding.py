@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -60,11 +60,15 @@ def embedding_optimize(
     seed: int = 0,
     early_stop_loss: float | None = None,
     prefix_cache: bool = True,
+    extra_loss: Callable[[Tensor], Tensor] | None = None,
 ) -> list[EmbeddingResult]:
     """Signed-gradient descent on a soft prompt, `restarts` times; one result per restart.
 
     Restart 0 starts exactly at the embeddings of `init`; restart r > 0 adds Gaussian noise of
     `restart_noise` embedding standard deviations, so the samples explore different basins.
+    `extra_loss(soft prompt [k, H])`, when given, is added to the target loss right after each forward
+    (it may read states that hooks kept from that forward: probe obfuscation); the losses reported
+    are then the sum.
     """
     with optimising(model):
         return _optimize(
@@ -80,6 +84,7 @@ def embedding_optimize(
             seed,
             early_stop_loss,
             prefix_cache,
+            extra_loss,
         )
 
 
@@ -96,6 +101,7 @@ def _optimize(
     seed: int,
     early_stop_loss: float | None,
     prefix_cache: bool,
+    extra_loss: Callable[[Tensor], Tensor] | None = None,
 ) -> list[EmbeddingResult]:
     segments = Segments.build(model, tokenizer, messages, target)
     if prefix_cache:
@@ -117,6 +123,8 @@ def _optimize(
         best, best_loss, best_step, losses = soft.detach().clone(), float("inf"), 0, []
         for step in range(steps + 1):
             loss = embeds_loss(model, segments, soft.to(embed.weight.dtype).unsqueeze(0))[0]
+            if extra_loss is not None:
+                loss = loss + extra_loss(soft)
             value = float(loss.detach())
             losses.append(value)
             if value < best_loss:

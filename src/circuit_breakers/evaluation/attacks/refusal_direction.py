@@ -7,8 +7,11 @@ Two interventions, applied at every position while the model reads the prompt an
 
 - `add`: activation addition at that layer, h <- h - scale * d. With scale 1 the harmful mean is
   moved onto the harmless mean there.
-- `ablate`: directional ablation, h <- h - (h . u) u with u = d / |d|, at the embedding output and
-  after every decoder block, so no block boundary carries the direction.
+- `ablate`: directional ablation, x <- x - (x . u) u with u = d / |d|, on every write into the residual
+  stream: the embeddings and, in each decoder block, the attention output and the MLP output
+  (`models.residual_writers`, the same writes `tamper/weights.py` orthogonalises), so the residual
+  never carries the direction, inside blocks as well as between them; the runtime twin of the
+  orthogonalised weights.
 
 The attack is white-box: it measures the direction on the model it attacks (base and circuit-broken
 models each get their own). It returns inputs whose `intervention` generation must open with
@@ -28,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from ...models import find_decoder_layers, num_layers, unwrap_model
+from ...models import find_decoder_layers, num_layers, output_size, residual_writers
 from ...representations import hidden_states
 from .base import Attack, AttackError, AttackInput, coerce_prompts, encode
 
@@ -151,7 +154,14 @@ class DirectionIntervention:
         if self.mode == "add":
             targets, edit = [blocks[self.layer - 1]], add
         elif self.mode == "ablate":
-            targets, edit = [unwrap_model(model).get_input_embeddings(), *blocks], ablate
+            writers = residual_writers(model)
+            narrow = [name for name, m in writers.items() if output_size(m) != unit.numel()]
+            if narrow:
+                raise AttackError(
+                    f"cannot ablate: {narrow[0]} writes {output_size(writers[narrow[0]])} values, "
+                    f"not the direction's {unit.numel()}"
+                )
+            targets, edit = list(writers.values()), ablate
         else:
             raise AttackError(f"unknown intervention mode {self.mode!r}; choose 'add' or 'ablate'")
         handles = [m.register_forward_hook(lambda _m, _a, out: _edit_output(out, edit)) for m in targets]

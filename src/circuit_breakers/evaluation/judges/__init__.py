@@ -28,7 +28,15 @@ from typing import Any
 from ...data.refusal import REFUSAL_PATTERNS, detect_refusal
 from .agreement import judge_agreement, xstest_split
 from .base import Judge, Verdict, check_lengths
-from .classifiers import HarmBenchJudge, LlamaGuardJudge, harmbench_prompt, label_probabilities
+from .classifiers import (
+    CLASSIFIER_MODELS,
+    HarmBenchJudge,
+    LlamaGuardJudge,
+    classifier_weights_problem,
+    harmbench_prompt,
+    label_probabilities,
+    load_classifier,
+)
 from .http import RUBRIC_PROMPT, OpenAIJudge, parse_rubric, rubric_score
 from .offline import (
     OfflineJudge,
@@ -65,6 +73,7 @@ def make_judge(name: str = DEFAULT_JUDGE, **kwargs: Any) -> Judge:
 
 
 __all__ = [
+    "CLASSIFIER_MODELS",
     "DEFAULT_JUDGE",
     "JUDGES",
     "REFUSAL_PATTERNS",
@@ -80,11 +89,13 @@ __all__ = [
     "Verdict",
     "calibrate_offline_judge",
     "check_lengths",
+    "classifier_weights_problem",
     "compression_ratio",
     "detect_refusal",
     "harmbench_prompt",
     "judge_agreement",
     "label_probabilities",
+    "load_classifier",
     "make_judge",
     "mean_perplexity",
     "minilm_path",
