@@ -426,3 +426,28 @@ def test_plain_strings_are_prompts_with_stable_ids(two_models):
     assert [s.completion for s in as_prompts.cell("base", "direct")] == [s.completion for s in direct]
     again = evaluate_models(model, requests, ["direct"], judge=RefusalJudge(), max_new_tokens=4, progress=False)
     assert [s.prompt_id for s in again.samples] == [s.prompt_id for s in direct]
+
+
+def test_benign_loss_passes_hold_at_most_loss_batch_rows_and_equal_one_row_at_a_time():
+    torch.manual_seed(0)
+    tokenizer = make_tokenizer("chatml")
+    model = make_model("llama", vocab_size=len(tokenizer))
+    records = [
+        Record(
+            messages=[
+                {"role": "user", "content": f"question {i} " * (1 + i % 3)},
+                {"role": "assistant", "content": f"answer number {i} " * (1 + i % 4)},
+            ],
+            kind="retain",
+        )
+        for i in range(20)
+    ]
+    rows: list[int] = []
+    handle = model.model.layers[0].register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[0]))
+    try:
+        batched = compare.benign_loss(model, tokenizer, records, batch_size=64)
+    finally:
+        handle.remove()
+    assert max(rows) == compare.LOSS_BATCH and sum(rows) == len(records)
+    single = compare.benign_loss(model, tokenizer, records, batch_size=1)
+    assert batched == pytest.approx(single, rel=1e-4)

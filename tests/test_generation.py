@@ -10,6 +10,7 @@ import torch
 
 from circuit_breakers.generation import (
     BF16_ENV,
+    PLAIN_ENV,
     bf16_autocast_wanted,
     cpu_bf16_supported,
     generate,
@@ -204,6 +205,28 @@ def test_generate_batches_sorted_longest_first_and_uses_the_own_loop(tiny, monke
     assert [lengths[i] for i in firsts] == sorted((lengths[i] for i in firsts), reverse=True)
     assert sorted(i for batch in batches for i, _ in batch) == list(range(len(texts)))
     assert all(custom is greedy_decode for _, custom in calls)
+
+
+def test_plain_switch_keeps_callers_order_and_generates_own_loop_with_the_same_tokens(tiny, monkeypatch):
+    model, tokenizer = tiny
+    texts = render_prompts(tokenizer, PROMPTS)
+    config = generation_config(model, tokenizer, 6)
+    ours_out = {i: ids for b in generate_batches(model, tokenizer, texts, config, batch_size=2) for i, ids in b}
+    customs: list[object] = []
+    original = model.generate
+    monkeypatch.setattr(
+        model, "generate", lambda *a, **k: customs.append(k.get("custom_generate")) or original(*a, **k)
+    )
+    monkeypatch.setenv(PLAIN_ENV, "1")
+    batches = list(generate_batches(model, tokenizer, texts, config, batch_size=2))
+    assert [[i for i, _ in b] for b in batches] == [[0, 1], [2, 3], [4, 5]]
+    assert customs == [None, None, None]
+    stop = set(config.eos_token_id)
+    cut = lambda ids: ids[: next((k + 1 for k, t in enumerate(ids) if t in stop), len(ids))]  # noqa: E731
+    assert {i: cut(ids) for b in batches for i, ids in b} == {i: cut(ids) for i, ids in ours_out.items()}
+    monkeypatch.setenv(PLAIN_ENV, "sometimes")
+    with pytest.raises(ValueError, match="CIRCUIT_BREAKERS_PLAIN_GENERATE='sometimes' is not a switch"):
+        list(generate_batches(model, tokenizer, texts, config, batch_size=2))
 
 
 def test_sampling_keeps_generates_own_loop(tiny, monkeypatch):

@@ -405,7 +405,10 @@ class RunConfig:
         default=50, metadata={"help": "Held-out borderline-safe prompts for the over-refusal check."}
     )
     completion_tokens: int = field(default=48, metadata={"help": "Length of the model's own completions used as data."})
-    generation_batch_size: int = field(default=16, metadata={"help": "Prompts per generation batch."})
+    generation_batch_size: int = field(
+        default=64,
+        metadata={"help": "Prompts per generation batch (finished rows leave the batch, so large batches pay)."},
+    )
     generation_backend: str = field(
         default="auto",
         metadata={

@@ -178,6 +178,9 @@ def is_vllm_model(model: Any) -> bool:
 
 BF16_ENV = "CIRCUIT_BREAKERS_BF16"
 """Environment variable that turns bf16 autocast on (`1`) for generation on CPUs that support it."""
+PLAIN_ENV = "CIRCUIT_BREAKERS_PLAIN_GENERATE"
+"""Environment variable that (`1`) sends greedy batches through `model.generate`'s own loop in the caller's
+order, as the code did before `greedy_decode`: the baseline for timing, or a check when our loop is in doubt."""
 _ON, _OFF = {"1", "true", "yes", "on"}, {"", "0", "false", "no", "off"}
 logger = logging.getLogger("circuit_breakers")
 
@@ -230,14 +233,23 @@ def cpu_bf16_supported(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def _switch(name: str, meaning: str) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if value not in _ON | _OFF:
+        raise ValueError(f"{name}={value!r} is not a switch: set it to 1 ({meaning}) or 0 (off)")
+    return value in _ON
+
+
+def plain_generation_wanted() -> bool:
+    """Whether CIRCUIT_BREAKERS_PLAIN_GENERATE=1 asks for plain `model.generate` in the caller's order."""
+    return _switch(PLAIN_ENV, "plain model.generate")
+
+
 def bf16_autocast_wanted(model: Any, bf16: bool | None = None) -> bool:
     """Whether generation runs under bf16 autocast: asked for (`bf16`, else CIRCUIT_BREAKERS_BF16=1), the
     model float32 on a CPU, and the CPU multiplies bf16 natively. Off by default: greedy outputs change."""
     if bf16 is None:
-        value = os.environ.get(BF16_ENV, "").strip().lower()
-        if value not in _ON | _OFF:
-            raise ValueError(f"{BF16_ENV}={value!r} is not a switch: set it to 1 (bf16 autocast on) or 0 (off)")
-        bf16 = value in _ON
+        bf16 = _switch(BF16_ENV, "bf16 autocast on")
     if not bf16 or _device(model).type != "cpu":
         return False
     dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype
@@ -487,6 +499,7 @@ def generate_batches(
     Rows that stop early are filled with the pad id after their stop token, as `model.generate` does.
     Greedy batches decode with `greedy_decode` (finished rows leave the batch); `bf16`: see
     `bf16_autocast_wanted`. A `vllm.LLM` runs the texts through `vllm_batches` (its own batching).
+    CIRCUIT_BREAKERS_PLAIN_GENERATE=1 keeps the caller's order and generate's own loop (`PLAIN_ENV`).
     """
     if batch_size < 1 or not config.max_new_tokens or config.max_new_tokens < 1:
         raise ValueError("batch_size and max_new_tokens must be positive")
@@ -494,9 +507,10 @@ def generate_batches(
         yield from vllm_batches(model, tokenizer, texts, config)
         return
     lengths = [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]] if texts else []
-    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    plain = plain_generation_wanted()
+    order = list(range(len(texts))) if plain else sorted(range(len(texts)), key=lambda i: -lengths[i])
     device = _device(model)
-    own_loop = {"custom_generate": greedy_decode} if _own_loop_fits(model, config) else {}
+    own_loop = {"custom_generate": greedy_decode} if _own_loop_fits(model, config) and not plain else {}
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16_autocast_wanted(model, bf16) else nullcontext()
     stop = _stop_set(config)
     was_training = getattr(model, "training", False)

@@ -155,11 +155,18 @@ def generate_inputs(
 # Capability
 
 
+LOSS_BATCH = 8
+"""Most rows of one teacher-forced loss pass (`benign_loss`)."""
+
+
 def benign_loss(model: Any, tokenizer: Any, records: Sequence[Record], batch_size: int = 8) -> list[float]:
-    """Mean teacher-forced loss per held-out benign record (its completion tokens only)."""
+    """Mean teacher-forced loss per held-out benign record (its completion tokens only). At most
+    `LOSS_BATCH` rows a pass: each row holds full-vocabulary logits at every position, so the generation
+    batch size would be too large here."""
     from . import capability
 
-    return [float(x) for x in capability.record_losses(model, tokenizer, records, batch_size=batch_size)]
+    size = min(batch_size, LOSS_BATCH)
+    return [float(x) for x in capability.record_losses(model, tokenizer, records, batch_size=size)]
 
 
 def _drift_kl(
