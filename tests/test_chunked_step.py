@@ -99,3 +99,35 @@ def test_chunked_step_equals_whole_batch(tmp_path, settings):
         assert chunked.step_metrics[key][-1] == pytest.approx(values[-1], rel=1e-5, abs=1e-7), key
     if settings.get("representation") == "no_outliers":
         assert chunked.outlier_dims == whole.outlier_dims and len(whole.outlier_dims) == 2
+
+
+@pytest.mark.parametrize("chunk", [0, 16])
+def test_bf16_setting_runs_the_step_under_autocast_with_float32_weights_and_loss(tmp_path, chunk):
+    """`bf16: true` was accepted and ignored (the step never calls the forward accelerate wraps)."""
+    results = {}
+    for bf16 in (False, True):
+        trainer, model = trainer_for(tmp_path / str(bf16), chunk, bf16=bf16)
+        seen: set[torch.dtype] = set()
+        layer = model.get_base_model().model.layers[1].mlp.down_proj
+        handle = layer.register_forward_hook(lambda _m, _a, out: seen.add(out.dtype))
+        try:
+            loss = trainer.training_step(model, batch())
+        finally:
+            handle.remove()
+        results[bf16] = (seen, loss, gradients(model))
+        assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert results[False][0] == {torch.float32} and results[True][0] == {torch.bfloat16}
+    assert results[True][1].dtype == torch.float32
+    assert results[True][1].item() == pytest.approx(results[False][1].item(), rel=0.05)
+    g32 = torch.cat([g.flatten() for g in results[False][2].values()])
+    g16 = torch.cat([g.flatten() for g in results[True][2].values()])
+    assert torch.nn.functional.cosine_similarity(g32, g16, dim=0) > 0.95
+
+
+def test_bf16_recipe_is_accepted_on_a_machine_without_an_accelerator(tmp_path, monkeypatch):
+    """TrainingArguments refused `bf16: true` on a CPU-only machine ("doesn't support bf16/gpu")."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    cfg = CircuitBreakerConfig(output_dir=str(tmp_path), bf16=True, report_to="none")
+    assert cfg.bf16 and cfg.use_cpu
+    assert not CircuitBreakerConfig(output_dir=str(tmp_path), report_to="none").use_cpu

@@ -293,6 +293,11 @@ class CircuitBreakerConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        import torch
+
+        if (self.bf16 or self.fp16) and not (torch.cuda.is_available() or torch.backends.mps.is_available()):
+            self.use_cpu = True  # no accelerator: mixed precision means CPU autocast, which TrainingArguments
+            # accepts only with use_cpu set (otherwise it stops with "doesn't support bf16/gpu")
         super().__post_init__()
         if self.torch_compile:  # torch_compile_backend / _mode set it too (TrainingArguments)
             raise ConfigError(

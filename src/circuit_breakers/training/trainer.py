@@ -211,6 +211,16 @@ class CircuitBreakerTrainer(BaseTrainer):
         return super()._get_train_sampler(train_dataset)
 
     # --- the step -------------------------------------------------------------------------------
+    def autocast_smart_context_manager(self, cache_enabled: bool | None = True) -> Any:
+        """Autocast for `bf16` / `fp16` around the whole step (frozen and adapted passes; master weights,
+        optimizer state and the loss stay float32). Trainer leaves autocast to accelerate, which wraps the
+        model's `forward`; the step calls the decoder body through hooks and never that forward, so without
+        this the setting would be accepted and do nothing."""
+        dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+        if dtype is None:
+            return nullcontext()
+        return torch.autocast(self.args.device.type, dtype=dtype, cache_enabled=bool(cache_enabled))
+
     def frozen_states(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> dict[int, Tensor]:
         """Hidden states of the original model: adapters off, eval mode (no dropout), no graph.
 
