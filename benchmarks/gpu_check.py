@@ -405,7 +405,8 @@ def check_merged(check: Check, root: Path) -> None:
 def check_generation(check: Check) -> None:
     """Our generator and plain `model.generate` on the ~1B model (benchmarks/generation.py), then vLLM."""
     from circuit_breakers.data.prompts import load_builtin_prompts
-    from circuit_breakers.generation import generation_config, generation_count, render_prompts, vllm_available
+    from circuit_breakers.generation import generation_config, generation_count, render_prompts
+    from circuit_breakers.generation.vllm import vllm_available
     from circuit_breakers.models import load_model, load_tokenizer
 
     s = check.sizes

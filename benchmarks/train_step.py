@@ -12,9 +12,17 @@ causal LM with `output_hidden_states=True` (full-vocabulary logits computed and 
 forward passes (frozen retain, frozen cb, adapted retain, adapted cb); every hidden state stacked for
 the retain loss; gradient checkpointing on.
 
+`--bf16` adds a child "ours-bf16": ours with the same examples and settings but the trainer's `bf16=True`
+(the step under torch.autocast bf16, float32 master weights; on a GPU, where ours holds bf16 weights, it
+loads float32 ones). After its timed steps it also computes the loss of its first timed batch in float32
+and under autocast (dropout off, random lora_B, the same weights), so the rounding's effect on the loss is
+printed beside the speed. `--skip-reference` leaves out reference mode (slow) to time ours against ours-bf16.
+
 Usage (CPU, embedded model):  python benchmarks/train_step.py --batch 8 --warmup 1 --steps 2
 GPU (random Llama-3-8B):      python benchmarks/train_step.py --random-llama3-8b --batch 16
-The last line printed is `speedup S memory M` (S = reference step time / ours, M = ours / reference peak).
+The last line printed is `speedup S memory M` (S = reference step time / ours, M = ours / reference peak),
+or `reference skipped` with `--skip-reference`; with `--bf16` the line before it is `bf16 step ratio R`
+(R = ours median step / ours-bf16 median step).
 """
 
 from __future__ import annotations
@@ -351,9 +359,10 @@ DEFAULT_CHUNK_TOKENS = CircuitBreakerConfig.__dataclass_fields__["max_chunk_toke
 
 
 def make_trainer(
-    model: nn.Module, setup: Setup, out_dir: str, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    model: nn.Module, setup: Setup, out_dir: str, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, bf16: bool = False
 ) -> CircuitBreakerTrainer:
-    """Our Trainer, used for its training step (outside `train()`); its global step is set mid-training."""
+    """Our Trainer, used for its training step (outside `train()`); its global step is set mid-training.
+    `bf16`: the config's `bf16`, so the step runs under bf16 autocast (as a recipe's `bf16: true` does)."""
     cfg = CircuitBreakerConfig(
         output_dir=out_dir,
         max_steps=setup.max_steps,
@@ -364,6 +373,7 @@ def make_trainer(
         stall_check_steps=0,
         use_cpu=not torch.cuda.is_available(),
         max_chunk_tokens=chunk_tokens,
+        bf16=bf16,
     )
     trainer = CircuitBreakerTrainer(
         model=model, args=cfg, target_layers=setup.target_layers, retain_layers=setup.retain_layers
@@ -456,6 +466,34 @@ def check_agreement(
     return result
 
 
+def precision_agreement(
+    trainer: CircuitBreakerTrainer,
+    model: nn.Module,
+    inputs: dict[str, Tensor],
+    lora_b_std: float = 0.02,
+    seed: int = 0,
+) -> dict[str, float]:
+    """The loss of one batch in float32 and under the trainer's autocast, same weights, dropout off.
+
+    lora_B is randomised first (`model` is changed) so that adapted and frozen states differ and the
+    comparison is not between two trivial losses. Returns both values of loss, L_cb and L_retain, their
+    relative differences and the largest one.
+    """
+    randomize_lora_b(model, lora_b_std, seed)
+    model.eval()
+    with torch.no_grad():
+        loss_f, cb_f, r_f = ours_losses(trainer, model, inputs)
+        with trainer.compute_loss_context_manager():
+            loss_b, cb_b, r_b = ours_losses(trainer, model, inputs)
+    pairs = {"loss": (loss_b.item(), loss_f.item()), "loss_cb": (cb_b, cb_f), "loss_retain": (r_b, r_f)}
+    result: dict[str, float] = {}
+    for key, (b, f) in pairs.items():
+        rel = abs(b - f) / max(abs(f), 1e-12)
+        result[f"{key}_bf16"], result[f"{key}_fp32"], result[f"{key}_rel_diff"] = b, f, rel
+    result["max_rel_diff"] = max(result[f"{key}_rel_diff"] for key in pairs)
+    return result
+
+
 # --- timing ---------------------------------------------------------------------------------------
 def peak_memory(device: torch.device) -> int:
     """Peak bytes so far: CUDA allocator peak on a GPU, peak RSS (VmHWM) on a CPU."""
@@ -476,10 +514,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def watch_compute_dtype(model: nn.Module) -> tuple[set[str], Any]:
+    """(set, hook handle): the dtypes the first linear layer of the decoder outputs, added to the set on
+    every call until the handle is removed: what the step's matrix multiplications ran in (bf16 under
+    autocast even with float32 weights)."""
+    seen: set[str] = set()
+    linear = next((m for m in model.modules() if isinstance(m, nn.Linear)), None)
+    if linear is None:
+        raise RuntimeError("the model has no nn.Linear to watch")
+    handle = linear.register_forward_hook(lambda _module, _inputs, output: seen.add(str(output.dtype)))
+    return seen, handle
+
+
 def run_mode(args: argparse.Namespace) -> dict[str, Any]:
     """Child process: set up one mode, run warm-up + timed steps, report times and memory."""
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # ours-bf16 keeps float32 master weights and lets autocast run the step in bf16
+    dtype = torch.bfloat16 if device.type == "cuda" and args.mode != "ours-bf16" else torch.float32
     data = json.loads(Path(args.examples).read_text())
     cb = [example_from_dict(d) for d in data["cb"]]
     retain = [example_from_dict(d) for d in data["retain"]]
@@ -504,9 +555,10 @@ def run_mode(args: argparse.Namespace) -> dict[str, Any]:
             }
 
     tmp = tempfile.mkdtemp(prefix="cb-bench-")
-    if args.mode == "ours":
+    trainer = None
+    if args.mode in ("ours", "ours-bf16"):
         model = ours_model(base, setup)
-        trainer = make_trainer(model, setup, tmp, args.chunk_tokens)
+        trainer = make_trainer(model, setup, tmp, args.chunk_tokens, bf16=args.mode == "ours-bf16")
         prepared = [ours_batch(c, r, pad_id) for c, r in batches]
 
         def step(inputs: dict[str, Tensor]) -> float:
@@ -528,6 +580,7 @@ def run_mode(args: argparse.Namespace) -> dict[str, Any]:
         def processed_tokens(inputs: dict[str, Tensor]) -> int:
             return sum(v.numel() for k, v in inputs.items() if k.startswith("input_ids"))
 
+    compute_dtypes, watch = watch_compute_dtype(model)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     gc.collect()
@@ -554,16 +607,23 @@ def run_mode(args: argparse.Namespace) -> dict[str, Any]:
             c, r = batches[i]
             real_tokens.append(sum(len(e) for e in (*c, *r)))
             padded_tokens.append(processed_tokens(inputs))
+    peak = peak_memory(device)  # before the precision check below, which is not part of the step
+    watch.remove()
+    precision = None
+    if args.mode == "ours-bf16" and trainer is not None:
+        precision = precision_agreement(trainer, model, prepared[args.warmup], seed=args.seed)
     return {
         "mode": args.mode,
         "device": str(device),
-        "dtype": str(dtype),
+        "dtype": ",".join(sorted(compute_dtypes)),  # what the step computed in
+        "weights_dtype": str(dtype),
         "step_times": times,
         "losses": losses,
         "real_tokens": real_tokens,
         "padded_tokens": padded_tokens,
         "setup_memory": setup_memory,
-        "peak_memory": peak_memory(device),
+        "peak_memory": peak,
+        "precision": precision,
         "memory_kind": "max_memory_allocated" if device.type == "cuda" else "peak RSS",
         "threads": torch.get_num_threads(),
     }
@@ -672,33 +732,25 @@ def main_parent(args: argparse.Namespace) -> int:
     try:
         check = None if args.skip_check else child(args, "check", examples)
         ours = child(args, "ours", examples)
-        ref = child(args, "reference", examples)
+        bf16 = child(args, "ours-bf16", examples) if args.bf16 else None
+        ref = None if args.skip_reference else child(args, "reference", examples)
     finally:
         examples.unlink(missing_ok=True)
 
-    rows = []
-    for r in (ref, ours):
-        med = statistics.median(r["step_times"])
-        tps = sum(r["real_tokens"]) / sum(r["step_times"])
-        rows.append(
-            (
-                r["mode"],
-                med,
-                tps,
-                r["peak_memory"],
-                r["setup_memory"],
-                sum(r["padded_tokens"]) / len(r["padded_tokens"]),
-            )
-        )
+    results = [r for r in (ref, ours, bf16) if r is not None]
+    median = {r["mode"]: statistics.median(r["step_times"]) for r in results}
     print(
         f"\n{'mode':<10} {'median step':>12} {'real tok/s':>11} {'peak memory':>12} {'after setup':>12} "
         f"{'tokens/step (padded)':>21}"
     )
-    for mode, med, tps, peak, base_mem, padded in rows:
-        print(f"{mode:<10} {med:>10.2f} s {tps:>11.1f} {gib(peak):>12} {gib(base_mem):>12} {padded:>21.0f}")
+    for r in results:
+        tps = sum(r["real_tokens"]) / sum(r["step_times"])
+        padded = sum(r["padded_tokens"]) / len(r["padded_tokens"])
+        print(
+            f"{r['mode']:<10} {median[r['mode']]:>10.2f} s {tps:>11.1f} {gib(r['peak_memory']):>12} "
+            f"{gib(r['setup_memory']):>12} {padded:>21.0f}"
+        )
     print(f"memory measured as {ours['memory_kind']}; real tokens per step: {statistics.mean(ours['real_tokens']):.0f}")
-    speedup = rows[0][1] / rows[1][1]
-    memory = rows[1][3] / rows[0][3]
 
     if args.random_llama3_8b:
         from transformers import LlamaConfig
@@ -709,7 +761,11 @@ def main_parent(args: argparse.Namespace) -> int:
 
         config = AutoConfig.from_pretrained(resolve_model_path(args.model))
     device = torch.device("cuda" if ours["device"].startswith("cuda") else "cpu")
-    peak = device_peak(device, bf16="bfloat16" in ours["dtype"], peak_tflops=args.peak_tflops)
+    ours_bf16 = "bfloat16" in ours["dtype"]
+    peak = device_peak(device, bf16=ours_bf16, peak_tflops=args.peak_tflops)
+    # --peak-tflops is the peak in ours' dtype; where ours runs float32, bf16's is taken as twice it
+    bf16_tflops = args.peak_tflops * (1 if ours_bf16 else 2) if args.peak_tflops else None
+    peaks = {"reference": peak, "ours": peak, "ours-bf16": device_peak(device, bf16=True, peak_tflops=bf16_tflops)}
     per_step = [
         useful_flops(
             config,
@@ -718,8 +774,8 @@ def main_parent(args: argparse.Namespace) -> int:
         )
         for i in range(args.warmup, args.warmup + args.steps)
     ]
-    for r in (ref, ours):  # the same useful work per step: what differs is the time it takes
-        print(f"useful FLOP/s ({r['mode']}): {peak.fraction(sum(per_step) / sum(r['step_times']))}")
+    for r in results:  # the same useful work per step: what differs is the time it takes
+        print(f"useful FLOP/s ({r['mode']}): {peaks[r['mode']].fraction(sum(per_step) / sum(r['step_times']))}")
 
     ok = True
     if check is not None:
@@ -733,7 +789,22 @@ def main_parent(args: argparse.Namespace) -> int:
             f"max relative difference "
             f"{check['max_rel_diff']:.2e} ({'PASS' if ok else 'FAIL'} at {args.tolerance:g})"
         )
-    print(f"speedup {speedup:.2f} memory {memory:.2f}")
+    if bf16 is not None:
+        q = bf16["precision"]
+        print(
+            f"bf16 vs fp32 loss (first timed batch, dropout off, random lora_B, same weights; ours-bf16 computed in "
+            f"{bf16['dtype']}): L_cb {q['loss_cb_bf16']:.6f} vs {q['loss_cb_fp32']:.6f}, "
+            f"L_retain {q['loss_retain_bf16']:.6f} vs {q['loss_retain_fp32']:.6f}, "
+            f"loss {q['loss_bf16']:.6f} vs {q['loss_fp32']:.6f}; relative difference of the loss "
+            f"{q['loss_rel_diff']:.2e} (largest {q['max_rel_diff']:.2e})"
+        )
+        print(f"bf16 step ratio {median['ours'] / median['ours-bf16']:.2f}")
+    if ref is None:
+        print("reference skipped")
+    else:
+        speedup = median["reference"] / median["ours"]
+        memory = ours["peak_memory"] / ref["peak_memory"]
+        print(f"speedup {speedup:.2f} memory {memory:.2f}")
     return 0 if ok else 1
 
 
@@ -771,14 +842,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest relative loss difference accepted")
     p.add_argument("--skip-check", action="store_true")
     p.add_argument(
+        "--bf16", action="store_true", help="also time ours with the trainer's bf16=True (autocast, float32 weights)"
+    )
+    p.add_argument("--skip-reference", action="store_true", help="leave out reference mode (ours vs ours-bf16 only)")
+    p.add_argument(
         "--peak-tflops",
         type=float,
         default=None,
-        help="peak TFLOP/s of the device in the dtype used (default: GPU table, or CPU cores x clock x vectors)",
+        help="peak TFLOP/s of the device in ours' dtype (float32 on a CPU: ours-bf16 then uses twice it; default: "
+        "GPU table, or CPU cores x clock x vectors)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even when a GPU is present")
-    p.add_argument("--mode", choices=["all", "ours", "reference", "check"], default="all", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--mode", choices=["all", "ours", "ours-bf16", "reference", "check"], default="all", help=argparse.SUPPRESS
+    )
     p.add_argument("--examples", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     return p.parse_args(argv)

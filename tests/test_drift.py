@@ -204,7 +204,7 @@ def test_only_the_base_generates_and_only_answer_positions_reach_the_head(tiny):
 
 
 class Calls:
-    """Counts calls of a compare.py function."""
+    """Counts calls of a drift.py function (the drift cells call them from there)."""
 
     def __init__(self, fn):
         self.fn, self.n = fn, 0
@@ -216,7 +216,7 @@ class Calls:
 
 def test_drift_cells_are_cached_rebuilt_and_tabled(tiny, tmp_path, monkeypatch):
     from circuit_breakers.data.prompts import Prompt
-    from circuit_breakers.evaluation import compare
+    from circuit_breakers.evaluation import drift as drift_module
     from circuit_breakers.evaluation.compare import evaluate_models
     from circuit_breakers.evaluation.store import load_result
     from circuit_breakers.evaluation.tables import summary_table
@@ -246,9 +246,9 @@ def test_drift_cells_are_cached_rebuilt_and_tabled(tiny, tmp_path, monkeypatch):
     assert first.settings["n_drift_prompts"] == 6
     assert first.settings["drift_prompt_sources"] == ["alpaca", "builtin:benign"]
 
-    generated, scored = Calls(compare.greedy_answer_ids), Calls(compare.answer_drift)
-    monkeypatch.setattr(compare, "greedy_answer_ids", generated)
-    monkeypatch.setattr(compare, "answer_drift", scored)
+    generated, scored = Calls(drift_module.greedy_answer_ids), Calls(drift_module.answer_drift)
+    monkeypatch.setattr(drift_module, "greedy_answer_ids", generated)
+    monkeypatch.setattr(drift_module, "answer_drift", scored)
     again = run()
     assert (generated.n, scored.n) == (0, 0)  # every drift cell reused
     assert again.metrics["kl_divergence"] == first.metrics["kl_divergence"]

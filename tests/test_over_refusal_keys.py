@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import circuit_breakers.data.generate as generate_module
-import circuit_breakers.generation as generation_module
+import circuit_breakers.generation.vllm as generation_module
 from circuit_breakers.cli.main import main
 from circuit_breakers.config import RunConfig
 from circuit_breakers.data.prompts import Prompt, write_prompts

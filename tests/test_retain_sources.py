@@ -6,6 +6,7 @@ import json
 import pytest
 
 from circuit_breakers.config import ConfigError, RunConfig, parse_retain_sources
+from circuit_breakers.data.mix import retain_conversations
 from circuit_breakers.data.prompts import Prompt, write_prompts
 from circuit_breakers.data.records import Record, read_records
 from circuit_breakers.data.render import render
@@ -138,5 +139,5 @@ def test_an_unreachable_dataset_is_skipped_and_listed(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     cfg = RunConfig(runs_dir=str(tmp_path), data_root=str(tmp_path), retain_sources="benign, nobody/no-such-set=5")
-    rows, skipped = main_job.retain_conversations(parse_retain_sources(cfg.retain_sources), cfg, 0, [])
+    rows, skipped = retain_conversations(parse_retain_sources(cfg.retain_sources), cfg, 0, [])
     assert rows == [] and list(skipped) == ["nobody/no-such-set"]

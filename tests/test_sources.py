@@ -6,6 +6,7 @@ import json
 import pytest
 
 from circuit_breakers.config import RunConfig
+from circuit_breakers.data.mix import source_weights, xstest_safe_split
 from circuit_breakers.data.prompts import Prompt, read_prompts, write_prompts
 from circuit_breakers.data.records import DataError, read_records
 from circuit_breakers.data.sources import (
@@ -108,10 +109,10 @@ def test_every_named_source_loads_from_the_public_data(shared_data):
 
 def test_leave_out_sets_a_source_to_evaluation_only():
     cfg = RunConfig(harmful_prompts="harmbench=2, donotanswer=1", leave_out="donotanswer")
-    weights = main_job.source_weights(cfg)
+    weights = source_weights(cfg)
     assert weights["harmbench"] == 2 and {w for k, w in weights.items() if k.startswith("donotanswer")} == {0}
     with pytest.raises(ValueError, match="leaves no source"):
-        main_job.source_weights(RunConfig(harmful_prompts="harmbench", leave_out="harmbench"))
+        source_weights(RunConfig(harmful_prompts="harmbench", leave_out="harmbench"))
 
 
 def test_refused_training_prompts_are_retained_not_rerouted(tmp_path, monkeypatch):
@@ -199,7 +200,7 @@ def test_xstest_safe_answers_are_retained_but_never_the_held_out_ones_or_refusal
         n_xstest=3,
         n_xstest_retain=5,
     )
-    pool = [p.text for p in main_job.xstest_safe_split(cfg, seed=0)[0]]
+    pool = [p.text for p in xstest_safe_split(cfg, seed=0)[0]]
     # say the model refused the first safe prompt it is asked (a refusal there is over-refusal: never retained)
     monkeypatch.setattr(main_job, "looks_like_refusal", lambda text: False)
     real = main_job.generate_completions

@@ -25,18 +25,14 @@ from circuit_breakers.evaluation.attacks import DirectAttack
 from circuit_breakers.evaluation.compare import VLLM_MEMORY_SHARE, evaluate_models
 from circuit_breakers.evaluation.judges import RefusalJudge
 from circuit_breakers.generation import (
-    VLLM_INSTALL,
     generate,
     generate_vllm,
     generation_config,
     generation_count,
-    load_generator,
     render_prompts,
-    resolve_backend,
     stop_token_ids,
-    vllm_batches,
-    vllm_loadable,
 )
+from circuit_breakers.generation.vllm import VLLM_INSTALL, load_generator, resolve_backend, vllm_batches, vllm_loadable
 from helpers import save_tiny
 
 EVENTS: list[tuple[str, str]] = []

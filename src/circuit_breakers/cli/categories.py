@@ -44,9 +44,8 @@ def categories_command(argv: list[str]) -> int:
     exp.add_argument("--continual_steps", type=int, help="continual run's steps (default: the recipe's max_steps)")
     exp.add_argument("--attacks", default="direct")
     args, rest = parser.parse_known_args(argv)
-    from ..data.benchmarks import load_benchmark
+    from ..data.benchmarks import load_benchmark, split_spec
     from ..data.records import read_records
-    from ..evaluation.suite import split_spec
     from ..experiments.categories import category_experiment, table_markdown
     from ..recipes import parse_config
 

@@ -71,7 +71,7 @@ def data_command(argv: list[str]) -> int:
     from ..data import generate as g
     from ..data.loaders import load_prompt_file
     from ..data.records import write_records
-    from ..generation import load_generator, resolve_backend
+    from ..generation.vllm import load_generator, resolve_backend
     from ..models import placement
 
     where = placement(args.device, args.dtype)  # a device that is not there: stop before reading anything

@@ -83,7 +83,7 @@ def eval_command(argv: list[str]) -> int:
     parser.add_argument("--strict", action="store_true", help="stop at the first failing cell")
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
-    from ..generation import resolve_backend
+    from ..generation.vllm import resolve_backend
     from ..models import placement
 
     where = placement(args.device, args.dtype)  # a device that is not there, or an unknown dtype: stop before any work

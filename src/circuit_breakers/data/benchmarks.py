@@ -290,6 +290,12 @@ def _hub_file(repo_id: str, filename: str) -> Path:
         ) from err
 
 
+def split_spec(value: str) -> tuple[str, str | None]:
+    """`NAME[:REST]` -> (NAME, REST or None); REST may itself contain colons (a URL, a hub id)."""
+    name, sep, rest = value.partition(":")
+    return name.strip(), (rest.strip() or None) if sep else None
+
+
 def subsample(prompts: Sequence[Prompt], limit: int | None, seed: int = 0) -> list[Prompt]:
     """A seeded random subset of at most `limit` prompts, in their original order."""
     if limit is None or limit >= len(prompts):

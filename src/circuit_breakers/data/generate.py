@@ -19,14 +19,8 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..generation import (
-    generate_batches,
-    generation_config,
-    is_vllm_model,
-    render_prompts,
-    stop_token_ids,
-    vllm_source,
-)
+from ..generation import generate_batches, generation_config, render_prompts, stop_token_ids
+from ..generation.vllm import is_vllm_model, vllm_source
 from .prompts import Prompt, load_builtin_prompts
 from .records import DataError, Kind, Record, read_records, write_records
 from .refusal import looks_like_refusal

@@ -258,6 +258,32 @@ def run_lm_eval(
     }
 
 
+def lm_eval_key(tasks: Sequence[str], options: Mapping[str, Any] | None) -> list[Any]:
+    """What an lm-eval cell depends on: tasks, limit, few-shot, and for local task files their text and the
+    names, sizes and times of the files beside them (the data a task YAML reads usually lies there, and a
+    changed data file beside an unchanged YAML must not reuse old scores)."""
+    options = dict(options or {})
+    include = options.get("include_path") or []
+    folders = [Path(t).parent for t in tasks if Path(t).is_file()]
+    folders += [Path(p) for p in ([include] if isinstance(include, str) else include)]
+    listing = [
+        [str(f), sorted([p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in f.iterdir() if p.is_file())]
+        for f in folders
+        if f.is_dir()
+    ]
+    files = [Path(t).read_text(encoding="utf-8") if Path(t).is_file() else None for t in tasks]
+    return [list(tasks), files, listing, options]
+
+
+def lm_eval_cell(
+    model: Any, tokenizer: Any, tasks: Sequence[str], options: Mapping[str, Any] | None, batch_size: int
+) -> dict[str, Any]:
+    """What a (model, "lm_eval") cell records: `run_lm_eval` scores of the model the evaluation already
+    loaded (the harness reads it in memory, not from disk again), at the evaluation's batch size unless
+    `options` name their own."""
+    return {"lm_eval": run_lm_eval(model, tokenizer, list(tasks), **{"batch_size": batch_size, **dict(options or {})})}
+
+
 def lm_eval_metrics(scores: Mapping[str, Mapping[str, Any]], reference: str, seed: int = 0) -> dict[str, Any]:
     """Per model, task and metric the score with lm-eval's standard error; per other model the difference
     to `reference` (other - reference). On a leaf task the difference is paired over the documents both

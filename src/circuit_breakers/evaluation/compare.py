@@ -10,7 +10,9 @@ on the safe prompts, (model, "capability") on held-out benign answers, and on be
 (reference, "drift_greedy": its first greedy tokens) and (model, "drift_kl": KL from the reference and
 greedy agreement, both read in one teacher-forced pass over the reference's answers). Models are loaded
 one at a time (memory is bounded by the largest model plus the judge), except for a drift_kl cell,
-which holds the reference model beside the other.
+which holds the reference model beside the other. This module is the loop and the attack / over-refusal
+cells; what the optional cells compute and record is in their own modules (`drift`, `capability` for
+lm-eval, `quality`).
 Finished cells are kept on disk by `store.CellStore`, so an interrupted evaluation resumes and a
 changed setting recomputes only the cells it touches; the samples and metrics are `results.EvalResult`.
 """
@@ -32,11 +34,10 @@ import torch
 from ..data.prompts import Prompt
 from ..data.records import Record
 from ..fileio import digest, json_safe, write_text_atomic
-from ..generation import (
+from ..generation import generate, generate_from_embeds
+from ..generation.vllm import (
     free_accelerator_memory,
     free_vllm,
-    generate,
-    generate_from_embeds,
     is_vllm_model,
     load_generator,
     resolve_backend,
@@ -45,10 +46,10 @@ from ..generation import (
 from ..models import placement
 from .attacks import Attack, AttackInput, AttackPrompt, SearchAttack, make_attack, shared_context
 from .attacks.embedding import save_soft_prompts
-from .capability import run_lm_eval
-from .drift import DEFAULT_DRIFT_TOKENS, answer_drift, greedy_answer_ids
+from .capability import lm_eval_cell, lm_eval_key
+from .drift import DEFAULT_DRIFT_TOKENS, drift_greedy_cell, drift_kl_cell
 from .judges import Judge, make_judge
-from .quality import PairwiseJudge, judge_pairs, make_quality_judge, quality_prompts
+from .quality import PairwiseJudge, make_quality_judge, quality_answers, quality_prompts, quality_verdicts
 from .results import (
     CAPABILITY,
     DRIFT_GREEDY,
@@ -177,12 +178,12 @@ def _drift_kl(
     dtype: str,
     device: str | None,
     batch_size: int,
-) -> list[tuple[float, int, int]]:
-    """Per prompt (KL(reference || model), tokens, agreed prefix) over the reference's answers
-    (`drift.answer_drift`); the reference is loaded beside `model`."""
+) -> dict[str, Any]:
+    """The drift_kl cell (`drift.drift_kl_cell`) with the reference loaded beside `model` for this cell only
+    and freed after it (the loop owns loading: every other cell holds one model)."""
     ref_model, ref_tokenizer, loaded_here = _resolve_model(reference, dtype, device)
     try:
-        return answer_drift(ref_model, model, ref_tokenizer, prompts, answer_ids, batch_size=batch_size)
+        return drift_kl_cell(ref_model, model, ref_tokenizer, prompts, answer_ids, batch_size)
     finally:
         if loaded_here:
             del ref_model
@@ -290,7 +291,7 @@ def evaluate_models(
     `quality.PairwiseJudge`) compares each model's answers to the `benign` prompts with the reference's
     (`evaluation.quality`). With
     `out_dir`, finished cells are kept on disk and reused; a failing cell is recorded in
-    `errors` (and retried on the next call) unless `strict`. `generation_backend` (`generation.resolve_backend`):
+    `errors` (and retried on the next call) unless `strict`. `generation_backend` (`generation.vllm.resolve_backend`):
     with vllm, a model given by folder or hub id answers the text attacks, safe and quality prompts on a vLLM
     engine first, which is freed before the HF model loads for the other cells (one model in memory at a time).
     """
@@ -324,7 +325,7 @@ def evaluate_models(
     timings: dict[str, float] = {}
     reference = next(iter(models))
     drift_key = [_prompt_key(drift), drift_tokens, "answer ids"]
-    lm_eval_key = _lm_eval_key(capability_tasks, capability_options)
+    lm_eval_deps = lm_eval_key(capability_tasks, capability_options)
     pairs = quality_prompts(benign or []) if quality_judge is not None else []
     if quality_judge is not None and not pairs:
         raise ValueError("the quality judge compares answers to the benign prompts: give benign records")
@@ -341,7 +342,7 @@ def evaluate_models(
         if benign:
             plan.append((CAPABILITY, digest(source, [r.to_dict() for r in benign]), None))
         if capability_tasks:
-            plan.append((LM_EVAL, digest(source, lm_eval_key), None))
+            plan.append((LM_EVAL, digest(source, lm_eval_deps), None))
         if pairs:
             plan.append((QUALITY_ANSWERS, digest(source, pairs, max_new_tokens), None))
         if drift:
@@ -381,31 +382,21 @@ def evaluate_models(
                         losses = benign_loss(model, tokenizer, list(benign or []), batch_size)
                         store.finish(name, cell, print_, [], losses=losses)
                     elif cell == LM_EVAL:
-                        options = {"batch_size": batch_size, **dict(capability_options or {})}
-                        scores = run_lm_eval(model, tokenizer, list(capability_tasks), **options)
-                        store.finish(name, cell, print_, [], lm_eval=scores)
+                        record = lm_eval_cell(model, tokenizer, capability_tasks, capability_options, batch_size)
+                        store.finish(name, cell, print_, [], **record)
                     elif cell == QUALITY_ANSWERS:
-                        conversations = [messages for _, messages in pairs]
-                        answers = generate(
-                            model,
-                            tokenizer,
-                            conversations,
-                            max_new_tokens=max_new_tokens,
-                            batch_size=batch_size,
-                            progress=progress,
-                        )
-                        store.finish(name, cell, print_, [], answers=answers)
+                        record = quality_answers(model, tokenizer, pairs, max_new_tokens, batch_size, progress)
+                        store.finish(name, cell, print_, [], **record)
                     elif cell == DRIFT_GREEDY:
-                        ids = greedy_answer_ids(model, tokenizer, drift, drift_tokens, batch_size, progress)
-                        answers = [tokenizer.decode(a, skip_special_tokens=True) for a in ids]
-                        store.finish(name, cell, print_, [], answers=answers, answer_ids=ids)
+                        record = drift_greedy_cell(model, tokenizer, drift, drift_tokens, batch_size, progress)
+                        store.finish(name, cell, print_, [], **record)
                     elif cell == DRIFT_KL:
                         ref_key = store.key(reference, DRIFT_GREEDY)
                         if ref_key not in store.cells:
                             raise RuntimeError(f"no greedy answers of {reference} to read KL over (its cell failed)")
                         ids = store.cells[ref_key]["answer_ids"]
-                        rows = _drift_kl(models[reference], model, drift, ids, dtype, device, batch_size)
-                        store.finish(name, cell, print_, [], kl=[list(row) for row in rows])
+                        record = _drift_kl(models[reference], model, drift, ids, dtype, device, batch_size)
+                        store.finish(name, cell, print_, [], **record)
                     elif cell == OVER_REFUSAL:
                         samples = run_safe(
                             name, model, tokenizer, safe, judge_obj, max_new_tokens, batch_size, progress
@@ -529,22 +520,6 @@ def evaluate_models(
     return result
 
 
-def _lm_eval_key(tasks: Sequence[str], options: Mapping[str, Any] | None) -> list[Any]:
-    """What an lm-eval cell depends on: tasks, limit, few-shot, and for local task files their text and the
-    names, sizes and times of the files beside them (the data a task YAML reads usually lies there)."""
-    options = dict(options or {})
-    include = options.get("include_path") or []
-    folders = [Path(t).parent for t in tasks if Path(t).is_file()]
-    folders += [Path(p) for p in ([include] if isinstance(include, str) else include)]
-    listing = [
-        [str(f), sorted([p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in f.iterdir() if p.is_file())]
-        for f in folders
-        if f.is_dir()
-    ]
-    files = [Path(t).read_text(encoding="utf-8") if Path(t).is_file() else None for t in tasks]
-    return [list(tasks), files, listing, options]
-
-
 def _quality_cells(
     store: CellStore,
     names: Sequence[str],
@@ -554,8 +529,9 @@ def _quality_cells(
     errors: list[dict[str, Any]],
     strict: bool,
 ) -> None:
-    """(model, "quality") for every model but the reference: its answers against the reference's, judged
-    pairwise in both orders (`quality.judge_pairs`); the judge is loaded only when a cell is to be done."""
+    """The loop over the (model, "quality") cells, every model but the reference, after the models' own loop
+    (the judge needs every model's answers, not a model in memory); what a cell computes and records is
+    `quality.quality_verdicts`. The judge is loaded only when a cell is to be done."""
     reference = names[0]
     ref_key = store.key(reference, QUALITY_ANSWERS)
     if ref_key not in store.cells:
@@ -573,9 +549,7 @@ def _quality_cells(
         started = time.time()
         try:
             used = True
-            texts = [next((m.get("content") or "" for m in msgs[::-1] if m["role"] == "user"), "") for _, msgs in pairs]
-            verdicts = judge_pairs(judge, [pid for pid, _ in pairs], texts, ref_answers, answers, seed)
-            store.finish(name, QUALITY, print_, [], verdicts=verdicts, judge=judge.settings())
+            store.finish(name, QUALITY, print_, [], **quality_verdicts(judge, pairs, ref_answers, answers, seed))
             store.entry(name, QUALITY)["seconds"] = round(time.time() - started, 2)
         except (KeyboardInterrupt, SystemExit):
             raise

@@ -41,6 +41,8 @@ __all__ = [
     "Agreement",
     "KLSummary",
     "answer_drift",
+    "drift_greedy_cell",
+    "drift_kl_cell",
     "drift_summary",
     "greedy_answer_ids",
     "kl_summary",
@@ -208,6 +210,36 @@ def answer_drift(
             mismatched,
         )
     return out
+
+
+def drift_greedy_cell(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Prompt | str],
+    n_tokens: int = DEFAULT_DRIFT_TOKENS,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """What the reference's "drift_greedy" cell records: its greedy answers as token ids (`answer_ids`, what
+    every other model's KL and agreement are read over: decoded text would not tokenize back to them) and
+    as text (`answers`, for reading)."""
+    ids = greedy_answer_ids(model, tokenizer, prompts, n_tokens, batch_size, progress)
+    return {"answers": [tokenizer.decode(a, skip_special_tokens=True) for a in ids], "answer_ids": ids}
+
+
+def drift_kl_cell(
+    reference: Any,
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Prompt | str],
+    answer_ids: Sequence[Sequence[int]],
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """What a model's "drift_kl" cell records: per prompt [KL(reference || model) summed over the answer,
+    answer tokens, agreed prefix] over the reference's answer ids (`answer_drift`); `kl_summary` and
+    `prefix_agreement` read the rows back, so both readings come from this one pass."""
+    rows = answer_drift(reference, model, tokenizer, prompts, answer_ids, batch_size=batch_size)
+    return {"kl": [list(row) for row in rows]}
 
 
 def _forward_parameters(model: Any) -> set[str]:

@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from ..data.records import Record
+from ..generation import generate
 from .metrics import bootstrap_ci, rate
 
 __all__ = [
@@ -36,9 +37,11 @@ __all__ = [
     "judge_pairs",
     "make_quality_judge",
     "parse_verdict",
+    "quality_answers",
     "quality_metrics",
     "quality_prompts",
     "quality_rows",
+    "quality_verdicts",
 ]
 
 PAIRWISE_PROMPT = """Two AI assistants answered the same request from a user. Decide which answer serves the user
@@ -245,6 +248,38 @@ def judge_pairs(
             }
         )
     return records
+
+
+def quality_answers(
+    model: Any,
+    tokenizer: Any,
+    pairs: Sequence[tuple[str, list[dict[str, Any]]]],
+    max_new_tokens: int,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """What a model's "quality_answers" cell records: its greedy answers to the `quality_prompts` pairs, from
+    the generator every other answer of the evaluation comes from (so a vLLM engine can answer them too)."""
+    conversations = [messages for _, messages in pairs]
+    answers = generate(
+        model, tokenizer, conversations, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
+    )
+    return {"answers": answers}
+
+
+def quality_verdicts(
+    judge: PairwiseJudge,
+    pairs: Sequence[tuple[str, list[dict[str, Any]]]],
+    reference_answers: Sequence[str],
+    answers: Sequence[str],
+    seed: int = 0,
+) -> dict[str, Any]:
+    """What a model's "quality" cell records: its answers against the reference's, judged pairwise in both
+    orders (`judge_pairs`, shown each conversation's last user turn as the request), and the judge's settings,
+    so a result rebuilt from the folder still says who judged."""
+    requests = [next((m.get("content") or "" for m in msgs[::-1] if m["role"] == "user"), "") for _, msgs in pairs]
+    verdicts = judge_pairs(judge, [pid for pid, _ in pairs], requests, reference_answers, answers, seed)
+    return {"verdicts": verdicts, "judge": judge.settings()}
 
 
 def quality_metrics(records: Sequence[Mapping[str, Any]], seed: int = 0) -> dict[str, Any]:

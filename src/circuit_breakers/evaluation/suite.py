@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data.benchmarks import BENCHMARKS, benchmark_source, is_harmful, load_benchmark, subsample
+from ..data.benchmarks import BENCHMARKS, benchmark_source, is_harmful, load_benchmark, split_spec, subsample
 from ..data.prompts import Prompt
 from .judges import JUDGES
 
@@ -39,12 +39,6 @@ def model_specs(values: Sequence[str]) -> dict[str, str]:
             raise ValueError(f"--model {value!r}: the name {name!r} is used twice")
         out[name] = spec
     return out
-
-
-def split_spec(value: str) -> tuple[str, str | None]:
-    """`NAME[:REST]` -> (NAME, REST or None); REST may itself contain colons (a URL, a hub id)."""
-    name, sep, rest = value.partition(":")
-    return name.strip(), (rest.strip() or None) if sep else None
 
 
 @dataclass
