@@ -48,7 +48,7 @@ from .attacks import Attack, AttackInput, AttackPrompt, SearchAttack, make_attac
 from .attacks.embedding import save_soft_prompts
 from .capability import lm_eval_cell, lm_eval_key
 from .drift import DEFAULT_DRIFT_TOKENS, drift_greedy_cell, drift_kl_cell
-from .judges import Judge, make_judge
+from .judges import NO_ANSWER_RULE, Judge, judge_attack_completions, make_judge
 from .quality import PairwiseJudge, make_quality_judge, quality_answers, quality_prompts, quality_verdicts
 from .results import (
     CAPABILITY,
@@ -317,7 +317,7 @@ def evaluate_models(
     judge_settings = judge_obj.settings()
     out = Path(out_dir) if out_dir is not None else None
     store = CellStore(out)
-    base_key = {"judge": judge_settings, "max_new_tokens": max_new_tokens, "seed": seed}
+    base_key = {"judge": judge_settings, "max_new_tokens": max_new_tokens, "seed": seed, "rule": NO_ANSWER_RULE}
     prompt_items = [attack_prompt(p) for p in prompts]
     by_id = {p.id: p for p in prompts}
     safe = list(safe_prompts or [])
@@ -592,7 +592,13 @@ def run_attack(
             save_soft_prompts(inputs, soft_prompts_to)
         generated = generate_inputs(model, tokenizer, inputs, max_new_tokens, batch_size, progress)
         completions = [(item.prefill or "") + text for item, text in zip(inputs, generated)]
-        verdicts = judge.judge([i.prompt.behavior for i in inputs], completions, [i.prompt.context for i in inputs])
+        verdicts = judge_attack_completions(
+            judge,
+            [i.prompt.behavior for i in inputs],
+            completions,
+            [i.prompt.context for i in inputs],
+            [i.prefill for i in inputs],
+        )
     samples = []
     for item, completion, verdict in zip(inputs, completions, verdicts):
         prompt = by_id.get(item.prompt.id or "") if item.prompt.id else None

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..fileio import digest, write_text_atomic
 from .compare import SOFT_PROMPTS_DIR
-from .judges import Judge
+from .judges import Judge, judge_attack_completions
 from .report import write_results
 from .results import OVER_REFUSAL, EvalResult, safe_compliance, verdict_label
 from .store import CELLS_FILE, META_FILE, SAMPLES_FILE, CellStore, result_from_store
@@ -30,7 +30,10 @@ def rejudge(result: EvalResult, judge: Judge) -> EvalResult:
     Safe prompts (over-refusal) are scored on compliance exactly as a fresh evaluation would.
     """
     samples = result.samples
-    verdicts = judge.judge([s.prompt for s in samples], [s.completion for s in samples], [s.context for s in samples])
+    prompts, completions = [s.prompt for s in samples], [s.completion for s in samples]
+    contexts = [s.context for s in samples]
+    prefills = [None if s.attack == OVER_REFUSAL else s.prefill for s in samples]
+    verdicts = judge_attack_completions(judge, prompts, completions, contexts, prefills)
     judged = []
     for sample, verdict in zip(samples, verdicts):
         safe = sample.attack == OVER_REFUSAL

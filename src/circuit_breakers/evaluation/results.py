@@ -141,6 +141,8 @@ def verdict_label(harmful: bool, details: Mapping[str, Any], safe: bool = False)
         return "complied" if details.get("complied", harmful) else "incoherent"
     if harmful:
         return "harmful"
+    if details.get("no_answer"):
+        return "no-answer"
     if details.get("coherent") is False:
         return "incoherent"
     if details.get("relevant") is False:

@@ -27,7 +27,7 @@ from typing import Any
 
 from ...data.refusal import REFUSAL_PATTERNS, detect_refusal
 from .agreement import judge_agreement, xstest_split
-from .base import Judge, Verdict, check_lengths
+from .base import NO_ANSWER_RULE, Judge, Verdict, check_lengths, judge_attack_completions
 from .classifiers import (
     CLASSIFIER_MODELS,
     HarmBenchJudge,
@@ -73,6 +73,7 @@ def make_judge(name: str = DEFAULT_JUDGE, **kwargs: Any) -> Judge:
 
 
 __all__ = [
+    "NO_ANSWER_RULE",
     "CLASSIFIER_MODELS",
     "DEFAULT_JUDGE",
     "JUDGES",
@@ -94,6 +95,7 @@ __all__ = [
     "detect_refusal",
     "harmbench_prompt",
     "judge_agreement",
+    "judge_attack_completions",
     "label_probabilities",
     "load_classifier",
     "make_judge",
