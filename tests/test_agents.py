@@ -337,7 +337,7 @@ def test_parse_tool_calls_in_every_format():
     reason="importing agentdojo takes minutes on a 2-core machine; set CB_AGENTDOJO_TESTS=1",
 )
 def test_agentdojo_builder_on_banking():
-    from circuit_breakers.data.agents import agentdojo_cases
+    from circuit_breakers.data.agentdojo import agentdojo_cases
 
     cases = agentdojo_cases(
         ["banking"],

@@ -46,7 +46,8 @@ def agents_command(argv: list[str]) -> int:
         "n_eval, seed and held-out attacks; checked)",
     )
     args, rest = parser.parse_known_args(argv)
-    from ..data.agents import agentdojo_cases, case_counts, read_cases, routing_injection_cases, write_cases
+    from ..data.agentdojo import agentdojo_cases
+    from ..data.agents import case_counts, read_cases, routing_injection_cases, write_cases
 
     if args.action == "build":
         if rest:

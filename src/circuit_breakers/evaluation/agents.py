@@ -322,7 +322,7 @@ class TransformersAgent:
         from agentdojo.functions_runtime import FunctionCall
         from agentdojo.types import ChatAssistantMessage, text_content_block_from_string
 
-        from ..data.agents import agentdojo_tool_schema
+        from ..data.agentdojo import agentdojo_tool_schema
         from ..data.records import Record
 
         class _Element(BasePipelineElement):
