@@ -23,6 +23,7 @@ peak.py), and the share of prompts whose greedy output is identical to the first
 
 Usage (CPU, embedded model):  python benchmarks/generation.py --n 64 --max-new-tokens 48 --batch 16
 Old default vs new:           python benchmarks/generation.py --n 64 --max-new-tokens 48 --batch 64 --plain-batch 16
+A main-job-sized cell (several sorted batches): the same with --n 256
 The last line printed is `speedup S identical I` (S: ours tokens/s over the first plain side's, wall; I: share
 identical), followed by ` same-batch S2` (ours over plain at `--batch`) when that second plain side ran, then
 the bf16 side's pair when it ran.
