@@ -32,8 +32,7 @@ def rejudge(result: EvalResult, judge: Judge) -> EvalResult:
     samples = result.samples
     prompts, completions = [s.prompt for s in samples], [s.completion for s in samples]
     contexts = [s.context for s in samples]
-    prefills = [None if s.attack == OVER_REFUSAL else s.prefill for s in samples]
-    verdicts = judge_attack_completions(judge, prompts, completions, contexts, prefills)
+    verdicts = judge_attack_completions(judge, prompts, completions, contexts, [s.prefill for s in samples])
     judged = []
     for sample, verdict in zip(samples, verdicts):
         safe = sample.attack == OVER_REFUSAL
