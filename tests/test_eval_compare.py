@@ -290,7 +290,7 @@ def test_a_model_retrained_into_the_same_folder_is_evaluated_again(tmp_path):
 
 def test_soft_prompts_are_saved_and_replayed_without_optimising(two_models, tmp_path, monkeypatch):
     from circuit_breakers.evaluation.attacks import AttackError, embedding, make_attack
-    from circuit_breakers.evaluation.compare import soft_prompt_file
+    from circuit_breakers.evaluation.cells import soft_prompt_file
 
     attack = make_attack("embedding", steps=3, restarts=2, init="Answer directly.")
     assert "replay" not in attack.settings()  # results saved before the option existed keep their fingerprints
@@ -365,6 +365,7 @@ class LengthJudge(RefusalJudge):
 
 def test_rejudge_keeps_completions_changes_only_verdicts_and_leaves_the_source_alone(two_models, tmp_path):
     from circuit_breakers.cli.main import main
+    from circuit_breakers.evaluation.judges import no_answer_reason
     from circuit_breakers.evaluation.rejudge import rejudge_folder
 
     source = tmp_path / "eval"
@@ -379,6 +380,11 @@ def test_rejudge_keeps_completions_changes_only_verdicts_and_leaves_the_source_a
     assert {p.name: p.read_bytes() for p in source.iterdir() if p.is_file()} == before
     assert [s.completion for s in result.samples] == [s.completion for s in first.samples]
     for s in result.samples:
+        # The tiny models write a few odd characters after a prefill: the no-answer rule decides those.
+        written = s.completion[len(s.prefill) :] if s.prefill else None
+        if written is not None and no_answer_reason(s.prompt, s.prefill, written):
+            assert (s.harmful, s.complied, s.verdict) == (False, False, "no-answer")
+            continue
         assert s.judge == "length" and s.harmful == (len(s.completion) % 2 == 0)
         assert s.complied == (len(s.completion) % 3 == 0)
         # Safe prompts are read on compliance, attacked ones on harm, as a fresh evaluation reads them.

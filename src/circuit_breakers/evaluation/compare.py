@@ -10,9 +10,9 @@ on the safe prompts, (model, "capability") on held-out benign answers, and on be
 (reference, "drift_greedy": its first greedy tokens) and (model, "drift_kl": KL from the reference and
 greedy agreement, both read in one teacher-forced pass over the reference's answers). Models are loaded
 one at a time (memory is bounded by the largest model plus the judge), except for a drift_kl cell,
-which holds the reference model beside the other. This module is the loop and the attack / over-refusal
-cells; what the optional cells compute and record is in their own modules (`drift`, `capability` for
-lm-eval, `quality`).
+which holds the reference model beside the other. This module is the loop; the attack and over-refusal
+cells are in `cells`, what the optional cells compute and record in their own modules (`drift`,
+`capability` for lm-eval, `quality`).
 Finished cells are kept on disk by `store.CellStore`, so an interrupted evaluation resumes and a
 changed setting recomputes only the cells it touches; the samples and metrics are `results.EvalResult`.
 """
@@ -34,7 +34,6 @@ import torch
 from ..data.prompts import Prompt
 from ..data.records import Record
 from ..fileio import digest, json_safe, write_text_atomic
-from ..generation import generate, generate_from_embeds
 from ..generation.vllm import (
     free_accelerator_memory,
     free_vllm,
@@ -44,11 +43,11 @@ from ..generation.vllm import (
     vllm_loadable,
 )
 from ..models import placement
-from .attacks import Attack, AttackInput, AttackPrompt, SearchAttack, make_attack, shared_context
-from .attacks.embedding import save_soft_prompts
+from .attacks import Attack, SearchAttack, make_attack
 from .capability import lm_eval_cell, lm_eval_key
+from .cells import attack_prompt, run_attack, run_safe, soft_prompt_file
 from .drift import DEFAULT_DRIFT_TOKENS, drift_greedy_cell, drift_kl_cell
-from .judges import NO_ANSWER_RULE, Judge, judge_attack_completions, make_judge
+from .judges import NO_ANSWER_RULE, Judge, make_judge
 from .quality import PairwiseJudge, make_quality_judge, quality_answers, quality_prompts, quality_verdicts
 from .results import (
     CAPABILITY,
@@ -59,38 +58,12 @@ from .results import (
     QUALITY,
     QUALITY_ANSWERS,
     EvalResult,
-    Sample,
-    safe_compliance,
-    verdict_label,
 )
 from .store import META_FILE, SCHEMA, CellStore
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "SOFT_PROMPTS_DIR",
-    "attack_prompt",
-    "benign_loss",
-    "evaluate_models",
-    "generate_inputs",
-    "model_identity",
-    "run_attack",
-    "run_safe",
-    "soft_prompt_file",
-]
-
-
-def attack_prompt(prompt: Prompt) -> AttackPrompt:
-    """What an attack needs from a `Prompt`: the request, its context and affirmative target.
-
-    `Prompt.text` already holds a HarmBench context before the request; when the loader kept the
-    bare request (`meta["behavior"]`), the context is passed separately so attacks and judges see
-    the HarmBench layout without the context twice.
-    """
-    behavior = prompt.meta.get("behavior") if prompt.context else None
-    if isinstance(behavior, str) and behavior.strip():
-        return AttackPrompt(behavior, prompt.target, prompt.context, prompt.id)
-    return AttackPrompt(prompt.text, prompt.target, None, prompt.id)
+__all__ = ["benign_loss", "evaluate_models", "model_identity"]
 
 
 def _attack_label(attacks: Sequence[Attack]) -> list[str]:
@@ -104,52 +77,6 @@ def _attack_label(attacks: Sequence[Attack]) -> list[str]:
 def as_prompt(item: Prompt | str) -> Prompt:
     """A `Prompt` as is; a plain string as a single-turn prompt whose id is derived from its text."""
     return item if isinstance(item, Prompt) else Prompt.from_dict({"text": item})
-
-
-# --------------------------------------------------------------------------------------------------
-# Generation of attack inputs
-
-
-def generate_inputs(
-    model: Any,
-    tokenizer: Any,
-    inputs: Sequence[AttackInput],
-    max_new_tokens: int,
-    batch_size: int,
-    progress: bool = True,
-) -> list[str]:
-    """Generated text for each attack input (without its prefill), in order.
-
-    Inputs are grouped by intervention (one hook set per batch) and by whether they carry a soft
-    prompt; text inputs go through `generation.generate` with their prefills, soft prompts through
-    `generation.generate_from_embeds`.
-    """
-    outputs: list[str] = [""] * len(inputs)
-    groups: dict[tuple[int, bool], list[int]] = {}
-    for i, item in enumerate(inputs):
-        key = (id(item.intervention) if item.intervention is not None else 0, item.soft_prompt is not None)
-        groups.setdefault(key, []).append(i)
-    for (_, soft), index in groups.items():
-        group = [inputs[i] for i in index]
-        with shared_context(model, group):
-            if soft:
-                with torch.no_grad():
-                    embeds = [item.prompt_embeds(model, tokenizer) for item in group]
-                texts = generate_from_embeds(model, tokenizer, embeds, max_new_tokens, batch_size)
-            else:
-                prefills = [item.prefill or "" for item in group]
-                texts = generate(
-                    model,
-                    tokenizer,
-                    [item.messages for item in group],
-                    max_new_tokens=max_new_tokens,
-                    batch_size=batch_size,
-                    prefill=prefills if any(prefills) else None,
-                    progress=progress,
-                )
-        for i, text in zip(index, texts):
-            outputs[i] = text
-    return outputs
 
 
 # --------------------------------------------------------------------------------------------------
@@ -562,112 +489,3 @@ def _quality_cells(
         judge.close()
     if store.out_dir is not None:
         store.write_cells()
-
-
-def run_attack(
-    name: str,
-    label: str,
-    attack: Attack,
-    model: Any,
-    tokenizer: Any,
-    items: Sequence[AttackPrompt],
-    by_id: Mapping[str, Prompt],
-    judge: Judge,
-    max_new_tokens: int,
-    batch_size: int,
-    progress: bool,
-    soft_prompts_to: Path | None = None,
-) -> list[Sample]:
-    """One (model, attack) cell: prepare inputs against this model, generate, judge the behaviour.
-
-    Soft prompts the attack optimised are written to `soft_prompts_to` before generation, so an
-    expensive optimisation can be read again (longer generations, another judge) without redoing it.
-    """
-    if isinstance(attack, SearchAttack):  # best-of-N, PAIR, TAP: keep the completions the search judged
-        found = attack.search(model, tokenizer, items, judge, max_new_tokens, batch_size)
-        inputs, completions, verdicts = found, [i.completion for i in found], attack.final_verdicts(found, judge)
-    else:
-        inputs = attack.prepare(model, tokenizer, items)
-        if soft_prompts_to is not None:
-            save_soft_prompts(inputs, soft_prompts_to)
-        generated = generate_inputs(model, tokenizer, inputs, max_new_tokens, batch_size, progress)
-        completions = [(item.prefill or "") + text for item, text in zip(inputs, generated)]
-        verdicts = judge_attack_completions(
-            judge,
-            [i.prompt.behavior for i in inputs],
-            completions,
-            [i.prompt.context for i in inputs],
-            [i.prefill for i in inputs],
-        )
-    samples = []
-    for item, completion, verdict in zip(inputs, completions, verdicts):
-        prompt = by_id.get(item.prompt.id or "") if item.prompt.id else None
-        samples.append(
-            Sample(
-                model=name,
-                attack=label,
-                prompt_id=item.prompt.id or str(item.prompt_index),
-                prompt=item.prompt.behavior,
-                completion=completion,
-                harmful=bool(verdict.harmful),
-                complied=bool(verdict.details.get("complied", verdict.harmful)),
-                score=float(verdict.score),
-                judge=verdict.judge,
-                variant=item.variant,
-                category=prompt.category if prompt else None,
-                source=prompt.source if prompt else None,
-                context=item.prompt.context,
-                prefill=item.prefill,
-                messages=item.messages,
-                verdict=verdict_label(verdict.harmful, verdict.details),
-                judge_details=dict(verdict.details),
-                attack_details=dict(item.settings),
-            )
-        )
-    return samples
-
-
-SOFT_PROMPTS_DIR = "soft_prompts"
-
-
-def soft_prompt_file(out_dir: Path, model: str, cell: str) -> Path:
-    """Where `evaluate_models(out_dir=...)` keeps the soft prompts of one (model, attack) cell."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{model}--{cell}")
-    return Path(out_dir) / SOFT_PROMPTS_DIR / f"{safe}.safetensors"
-
-
-def run_safe(
-    name: str,
-    model: Any,
-    tokenizer: Any,
-    safe: Sequence[Prompt],
-    judge: Judge,
-    max_new_tokens: int,
-    batch_size: int,
-    progress: bool,
-) -> list[Sample]:
-    """Plain requests that deserve an answer; compliance is what is scored."""
-    messages = [p.to_messages() for p in safe]
-    completions = generate(
-        model, tokenizer, messages, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
-    )
-    verdicts = judge.judge([p.text for p in safe], completions, [p.context for p in safe])
-    return [
-        Sample(
-            model=name,
-            attack=OVER_REFUSAL,
-            prompt_id=p.id,
-            prompt=p.text,
-            completion=c,
-            harmful=bool(v.harmful),
-            complied=safe_compliance(v, c),
-            score=float(v.score),
-            judge=v.judge,
-            category=p.category,
-            source=p.source,
-            messages=m,
-            verdict=verdict_label(v.harmful, {**v.details, "complied": safe_compliance(v, c)}, safe=True),
-            judge_details=dict(v.details),
-        )
-        for p, m, c, v in zip(safe, messages, completions, verdicts)
-    ]

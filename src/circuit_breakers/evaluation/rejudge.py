@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..fileio import digest, write_text_atomic
-from .compare import SOFT_PROMPTS_DIR
+from .cells import SOFT_PROMPTS_DIR
 from .judges import Judge, judge_attack_completions
 from .report import write_results
 from .results import OVER_REFUSAL, EvalResult, safe_compliance, verdict_label

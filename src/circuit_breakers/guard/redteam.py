@@ -17,7 +17,8 @@ from typing import Any
 
 from ..data.prompts import Prompt
 from ..evaluation.attacks import EmbeddingAttack
-from ..evaluation.compare import attack_prompt, model_identity
+from ..evaluation.cells import attack_prompt
+from ..evaluation.compare import model_identity
 from ..experiments.redteam import RedteamError, RedteamSuite
 from ..fileio import digest, json_safe, write_text_atomic
 from .obfuscation import ObfuscationSettings, obfuscation_attack

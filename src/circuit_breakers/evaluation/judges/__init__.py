@@ -17,8 +17,9 @@ whose opinion it is. Judges, weakest to strongest:
 - `llamaguard`: a Llama Guard model through its own chat template, scored from "unsafe" vs "safe".
 - `openai`: any OpenAI-compatible chat endpoint with a StrongREJECT-style rubric (plain HTTP).
 
-Modules: `base` (interface), `refusal`, `offline` (with its calibration and degeneracy measures),
-`classifiers` (HarmBench, Llama Guard), `http` (the rubric grader), `agreement` (XSTest human labels).
+Modules: `base` (interface), `refusal`, `offline` (with its calibration), `degeneracy` (text measures of
+loops), `no_answer` (the rule every judge gets on attack completions), `classifiers` (HarmBench, Llama
+Guard), `http` (the rubric grader), `agreement` (XSTest human labels).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 
 from ...data.refusal import REFUSAL_PATTERNS, detect_refusal
 from .agreement import judge_agreement, xstest_split
-from .base import NO_ANSWER_RULE, Judge, Verdict, check_lengths, judge_attack_completions
+from .base import Judge, Verdict, check_lengths
 from .classifiers import (
     CLASSIFIER_MODELS,
     HarmBenchJudge,
@@ -37,17 +38,16 @@ from .classifiers import (
     label_probabilities,
     load_classifier,
 )
+from .degeneracy import compression_ratio, new_bytes, repetition_ratio
 from .http import RUBRIC_PROMPT, OpenAIJudge, parse_rubric, rubric_score
+from .no_answer import NO_ANSWER_RULE, judge_attack_completions, no_answer_reason
 from .offline import (
     OfflineJudge,
     OfflineThresholds,
     SentenceEmbedder,
     calibrate_offline_judge,
-    compression_ratio,
     mean_perplexity,
     minilm_path,
-    new_bytes,
-    repetition_ratio,
     response_token_nlls,
     synthetic_gibberish,
     window_perplexity,
@@ -102,6 +102,7 @@ __all__ = [
     "mean_perplexity",
     "minilm_path",
     "new_bytes",
+    "no_answer_reason",
     "parse_rubric",
     "repetition_ratio",
     "response_token_nlls",

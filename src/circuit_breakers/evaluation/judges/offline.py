@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import random
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,33 +21,19 @@ import torch
 
 from ...data.refusal import detect_refusal
 from .base import Judge, Verdict, check_lengths
+from .degeneracy import compression_ratio, new_bytes, repetition_ratio
 
 __all__ = [
     "OfflineJudge",
     "OfflineThresholds",
     "SentenceEmbedder",
     "calibrate_offline_judge",
-    "compression_ratio",
     "mean_perplexity",
     "minilm_path",
-    "new_bytes",
-    "repetition_ratio",
     "response_token_nlls",
     "synthetic_gibberish",
     "window_perplexity",
 ]
-
-
-def repetition_ratio(text: str, n: int = 4) -> float:
-    """Share of repeated word n-grams (0 = all distinct, near 1 = a loop such as "I I I I ...").
-
-    Perplexity alone misses loops: after a few repeats a language model predicts them well.
-    """
-    words = text.lower().split()
-    if len(words) < 2 * n:
-        return 0.0
-    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-    return 1.0 - len(set(grams)) / len(grams)
 
 
 def minilm_path() -> Path:
@@ -87,27 +72,6 @@ class SentenceEmbedder:
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
             chunks.append(torch.nn.functional.normalize(pooled, dim=-1))
         return torch.cat(chunks) if chunks else torch.empty(0, 0)
-
-
-def compression_ratio(text: str) -> float:
-    """zlib-compressed size over raw size: near 1 for short or varied text, far below it for a loop.
-
-    Catches what the word n-gram ratio cannot see: loops without spaces ("RebelRebelRebel"),
-    symbol-joined loops ("-land-land-land") and repeated lines.
-    """
-    raw = text.encode("utf-8")
-    return len(zlib.compress(raw, 9)) / len(raw) if raw else 1.0
-
-
-def new_bytes(prompt: str, completion: str) -> int:
-    """Bytes of information the completion adds to its request: its zlib size with the request as
-    preset dictionary (a restated request costs almost nothing, a loop costs one period)."""
-
-    def size(data: bytes) -> int:
-        packer = zlib.compressobj(9, zdict=prompt.encode("utf-8")) if prompt else zlib.compressobj(9)
-        return len(packer.compress(data) + packer.flush())
-
-    return max(0, size(completion.encode("utf-8")) - size(b""))
 
 
 def window_perplexity(nlls: Sequence[float], window: int = 16) -> float:
