@@ -34,7 +34,8 @@ from circuit_breakers.data.benchmarks import load_benchmark
 from circuit_breakers.data.prompts import read_prompts, write_prompts
 from circuit_breakers.data.records import read_records
 from circuit_breakers.evaluation.attacks import make_attack
-from circuit_breakers.evaluation.compare import evaluate_models, soft_prompt_file
+from circuit_breakers.evaluation.cells import soft_prompt_file
+from circuit_breakers.evaluation.compare import evaluate_models
 from circuit_breakers.evaluation.judges import make_judge
 from circuit_breakers.evaluation.metrics import best_of_n
 
